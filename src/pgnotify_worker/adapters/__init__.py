@@ -1,0 +1,1 @@
+"""I/O around the pure core: database, listener, providers, HTTP server, metrics, embedded DB."""

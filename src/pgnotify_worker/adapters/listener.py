@@ -1,0 +1,151 @@
+"""The LISTEN connection: held for good, reconnected with back-off, proven by NOTIFY round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from pgnotify_worker.adapters import queries
+from pgnotify_worker.adapters.db import DB_ERRORS
+from pgnotify_worker.models import Ping, Wake, parse_wake
+
+log = logging.getLogger(__name__)
+CHANNEL = "pgnotify"
+
+
+class ListenerUnhealthy(Exception):
+    """The connection is open but a NOTIFY round trip did not come back."""
+
+
+LISTENER_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ListenerUnhealthy)
+
+
+@dataclass
+class ListenerState:
+    """What /readyz and /status report about the listener."""
+
+    connected: bool = False
+    reconnects: int = 0
+    last_error: str | None = None
+    last_ping_ms: float | None = None
+    backend_pid: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Listener:
+    """LISTEN pgnotify on a dedicated connection; hands wake-ups to `on_wake`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        worker_id: str,
+        on_wake: Callable[[Wake], None],
+        on_connect: Callable[[], None],
+        *,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+        on_state_change: Callable[[ListenerState], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.on_wake = on_wake
+        self.on_connect = on_connect
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.connect_timeout = connect_timeout
+        self.on_state_change = on_state_change or (lambda _state: None)
+        digest = hashlib.sha1(worker_id.encode(), usedforsecurity=False).hexdigest()[:16]
+        self.ping_channel = f"pgnotify_ping_{digest}"
+        self.state = ListenerState()
+        self._pongs: dict[str, asyncio.Future[None]] = {}
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
+        payload = str(payload)
+        if channel == self.ping_channel:
+            waiter = self._pongs.pop(payload, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        wake = parse_wake(payload)
+        if not isinstance(wake, Ping):
+            self.on_wake(wake)
+
+    async def run(self) -> None:
+        """Listen until cancelled; every (re)connect triggers `on_connect` (a full sweep)."""
+        delay = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            lost: asyncio.Event = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.connect_timeout,
+                    statement_cache_size=0,
+                    server_settings={"application_name": "pgnotify-worker listener"},
+                )
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(self.ping_channel, self._on_notify)
+                await self._ping(conn)  # prove it before calling ourselves ready
+                self.state.connected = True
+                self.state.last_error = None
+                self.state.backend_pid = conn.get_server_pid()
+                self.on_state_change(self.state)
+                log.info("listener connected", extra={"action": "listener_connected"})
+                self.on_connect()
+                delay = 0.1
+                await self._watch(conn, lost)
+            except LISTENER_ERRORS as exc:
+                was_connected = self.state.connected
+                self.state.connected = False
+                self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self.state.backend_pid = None
+                if was_connected:
+                    self.state.reconnects += 1
+                self.on_state_change(self.state)
+                log.warning(
+                    "listener lost (%s); reconnecting in %.1fs",
+                    self.state.last_error,
+                    delay,
+                    extra={"action": "listener_lost"},
+                )
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Ping every interval; return (by raising) when the connection is gone or deaf."""
+        while True:
+            try:
+                await asyncio.wait_for(lost.wait(), timeout=self.ping_interval)
+            except TimeoutError:
+                await self._ping(conn)
+                continue
+            raise ListenerUnhealthy("connection closed by the server")
+
+    async def _ping(self, conn: asyncpg.Connection) -> None:
+        token = uuid.uuid4().hex
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[token] = waiter
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(self.ping_timeout):
+                await conn.execute(queries.PING, self.ping_channel, token)
+                await waiter
+        except TimeoutError:
+            raise ListenerUnhealthy(
+                f"NOTIFY round trip took longer than {self.ping_timeout:.0f}s"
+            ) from None
+        finally:
+            self._pongs.pop(token, None)
+        self.state.last_ping_ms = (asyncio.get_running_loop().time() - started) * 1000

@@ -1,0 +1,130 @@
+"""Prometheus metrics on a registry this object owns. Labels are bounded enums, never recipients."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+from pgnotify_worker import __version__
+
+# Sends: 1 ms .. 60 s; end to end: 1 ms .. 1 h (retries make it long).
+SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+E2E_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
+QUEUE_STATES = ("ready", "scheduled", "processing", "retrying", "dead", "failed")
+
+
+class Metrics:
+    """Every metric of one worker process."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Info("pgnotify_worker", "Version and identity of this worker.", registry=r)
+        self.info.info({"version": __version__, "worker_id": worker_id})
+        self.notifications = Counter(
+            "pgnotify_notifications",
+            "Delivery attempts by channel, provider and outcome "
+            "(sent, retry, failed, dead, released, lost_lease).",
+            ["channel", "provider", "outcome"],
+            registry=r,
+        )
+        self.send_duration = Histogram(
+            "pgnotify_send_duration_seconds",
+            "Time from the start of a render to the provider's answer.",
+            ["channel", "provider"],
+            buckets=SEND_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "pgnotify_end_to_end_latency_seconds",
+            "Time from the notification's insert (database clock) to the provider accepting it.",
+            ["channel"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "pgnotify_in_flight", "Sends under way, per channel.", ["channel"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "pgnotify_queue_depth",
+            "Rows per channel and state (ready, scheduled, processing, retrying, dead, failed).",
+            ["channel", "state"],
+            registry=r,
+        )
+        self.oldest_ready = Gauge(
+            "pgnotify_queue_oldest_ready_seconds",
+            "Age of the oldest ready row per channel (0 when none).",
+            ["channel"],
+            registry=r,
+        )
+        self.claimed = Counter(
+            "pgnotify_claimed", "Rows claimed, per channel.", ["channel"], registry=r
+        )
+        self.claim_batch = Histogram(
+            "pgnotify_claim_batch_size",
+            "Rows per claim statement.",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.completion_batch = Histogram(
+            "pgnotify_completion_batch_size",
+            "Outcomes per write-back statement.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.leases_expired = Counter(
+            "pgnotify_leases_expired",
+            "Rows whose lease expired and were requeued (or dead), per channel.",
+            ["channel"],
+            registry=r,
+        )
+        self.listener_connected = Gauge(
+            "pgnotify_listener_connected", "1 while the LISTEN connection is healthy.", registry=r
+        )
+        self.listener_reconnects = Counter(
+            "pgnotify_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            registry=r,
+        )
+        self.db_errors = Counter(
+            "pgnotify_db_errors",
+            "Database calls that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.ready = Gauge("pgnotify_ready", "1 when the worker reports ready.", registry=r)
+        self.channel_enabled = Gauge(
+            "pgnotify_channel_enabled",
+            "1 when this worker delivers the channel (0: no usable provider).",
+            ["channel"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,82 @@
+"""Shared HTTP helper: a session per provider, explicit timeouts, errors mapped to outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from pgnotify_worker import __version__
+from pgnotify_worker.core.classify import classify_http
+from pgnotify_worker.models import Outcome, Permanent, Retryable
+
+USER_AGENT = f"pgnotify-worker/{__version__}"
+MAX_RESPONSE_BYTES = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """Status, headers and (at most MAX_RESPONSE_BYTES of) body of a response."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def make_session(
+    timeout: float, *, limit: int = 100, resolver: aiohttp.abc.AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """A session with a total and a connect timeout, no cookies, no environment proxies."""
+    connector = aiohttp.TCPConnector(limit=limit, resolver=resolver, ttl_dns_cache=10)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+        headers={"User-Agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    data: bytes,
+    headers: Mapping[str, str],
+) -> HttpAnswer:
+    """POST without following redirects; reads at most MAX_RESPONSE_BYTES of the answer."""
+    async with session.post(url, data=data, headers=headers, allow_redirects=False) as response:
+        body = await response.content.read(MAX_RESPONSE_BYTES)
+        return HttpAnswer(response.status, response.headers, body)
+
+
+def transport_outcome(exc: BaseException, what: str) -> Outcome:
+    """A failure before an HTTP answer: timeouts and connection errors are retryable."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return Retryable("timeout", f"{what} did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return Retryable("dns", f"{what}: name lookup failed")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Retryable(
+            "connect", f"{what}: connection failed ({exc.os_error.strerror or 'refused'})"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return Retryable("disconnected", f"{what}: connection closed before a full answer")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return Permanent("bad_url", f"{what}: invalid URL")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return Retryable("transport", f"{what}: {type(exc).__name__}")
+    raise exc
+
+
+def classify_answer(
+    answer: HttpAnswer,
+    what: str,
+    now: Callable[[], dt.datetime],
+    message_id: str | None = None,
+) -> Outcome:
+    """Map an answer with the shared table."""
+    return classify_http(answer.status, answer.headers, now(), what=what, message_id=message_id)

@@ -1,0 +1,167 @@
+"""Webhooks signed per Standard Webhooks, with an SSRF guard that pins the checked address."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.core import netguard, signing
+from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
+
+
+class TargetBlocked(OSError):
+    """Every address of the target host is in a refused range."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves once and returns only allowed addresses, so aiohttp connects to a checked IP."""
+
+    def __init__(self, allowed: Sequence[netguard.IPNetwork]) -> None:
+        self.allowed = tuple(allowed)
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        kept, reasons = [], []
+        for result in results:
+            reason = netguard.blocked_reason(result["host"], self.allowed)
+            if reason is None:
+                kept.append(result)
+            else:
+                reasons.append(f"{result['host']} ({reason})")
+        if not kept:
+            raise TargetBlocked(f"{host} resolves only to refused addresses: {', '.join(reasons)}")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def envelope(message: RenderedMessage) -> bytes:
+    """The default body: {type, timestamp, data} as Standard Webhooks suggests."""
+    created = message.created_at or dt.datetime.now(dt.UTC)
+    body = {
+        "type": message.category or message.template or "notification",
+        "timestamp": created.isoformat(),
+        "data": message.data,
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class WebhookProvider:
+    """POSTs to the recipient URL; 2xx sent, 408/429/5xx/timeouts retry, other 4xx permanent."""
+
+    name = "webhook"
+
+    def __init__(
+        self,
+        secrets: str | None,
+        *,
+        timeout: float = 10.0,
+        allowed_networks: Sequence[str] = (),
+        concurrency: int = 100,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        if not secrets:
+            raise ProviderConfigError(
+                "PGNOTIFY_WEBHOOK_SECRET is not set: webhooks stay queued until a signing secret "
+                "(whsec_<base64>) is configured"
+            )
+        self.keys = [signing.decode_secret(s) for s in secrets.split(",") if s.strip()]
+        self.allowed = netguard.parse_networks(allowed_networks)
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.now = now
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = http.make_session(
+            self.timeout, limit=self.concurrency, resolver=GuardedResolver(self.allowed)
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _literal_refusal(self, url: URL) -> Outcome | None:
+        host = url.host or ""
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return None  # a name: the resolver checks what it resolves to
+        reason = netguard.blocked_reason(address, self.allowed)
+        if reason is None:
+            return None
+        return Permanent(
+            "target_refused",
+            f"webhook target {address} is {reason}; "
+            "allow it with PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS",
+        )
+
+    def build(self, message: RenderedMessage, timestamp: int) -> tuple[bytes, dict[str, str]]:
+        """Body and headers of one attempt (same webhook-id on every attempt)."""
+        if message.text is not None:
+            body = message.text.encode()
+            try:
+                json.loads(body)
+            except ValueError:
+                content_type = "text/plain; charset=utf-8"
+            else:
+                content_type = "application/json"
+        else:
+            body = envelope(message)
+            content_type = "application/json"
+        headers = {
+            "Content-Type": content_type,
+            "webhook-id": message.idempotency_key,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signing.sign(self.keys, message.idempotency_key, timestamp, body),
+        }
+        return body, headers
+
+    async def send(self, message: RenderedMessage) -> Outcome:
+        assert self._session is not None, "start() first"
+        try:
+            url = URL(message.recipient)
+        except ValueError:
+            return Permanent("bad_url", "webhook recipient is not a URL")
+        if url.scheme not in ("http", "https") or not url.host:
+            return Permanent("bad_url", "webhook recipient must be an http(s) URL with a host")
+        if url.user or url.password:
+            return Permanent("bad_url", "webhook URL must not carry credentials")
+        refusal = self._literal_refusal(url)
+        if refusal is not None:
+            return refusal
+        body, headers = self.build(message, int(time.time()))
+        what = f"webhook {url.host}"
+        try:
+            answer = await http.post(self._session, str(url), data=body, headers=headers)
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, TargetBlocked):
+                return Permanent(
+                    "target_refused",
+                    f"{exc.os_error.strerror or exc.os_error}; allow it with "
+                    "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS",
+                )
+            return http.transport_outcome(exc, what)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return http.transport_outcome(exc, what)
+        return http.classify_answer(answer, what, self.now)
+
+    def describe(self) -> dict[str, Any]:
+        """For /status: nothing secret."""
+        return {"signing_keys": len(self.keys), "allowed_networks": [str(n) for n in self.allowed]}

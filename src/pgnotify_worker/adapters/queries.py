@@ -1,0 +1,213 @@
+"""Every SQL statement the worker runs, each with a one-line comment. Parameters only, never
+string formatting. Tests prepare each of them against a freshly migrated database."""
+
+from __future__ import annotations
+
+# claim: lease up to $2 ready rows of channel $1 to worker $3 for $4 seconds, in claim order,
+# skipping rows other workers hold, and log a claimed event per row.
+CLAIM = """
+
+WITH ready AS (
+    SELECT id FROM pgnotify.notifications
+    WHERE status = 'queued' AND channel = $1 AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'processing', attempts = n.attempts + 1, locked_by = $3,
+        locked_until = now() + make_interval(secs => $4), updated_at = now()
+    FROM ready WHERE n.id = ready.id
+    RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
+           n.template, n.subject, n.body, n.html_body, n.locale, n.payload, n.priority,
+           n.attempts, n.max_attempts, n.created_at, n.run_at
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
+    SELECT id, 'claimed', attempts, $3 FROM claimed
+)
+SELECT claimed.*, now() AS claimed_at FROM claimed
+ORDER BY priority DESC, run_at, id
+"""
+
+# complete: write many outcomes in one statement, each only while worker $1 still holds that
+# row's lease for that attempt (fenced), with one event per written outcome.
+COMPLETE = """
+WITH r AS (
+    SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::float8[],
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::real[], $12::int[])
+        AS r(id, attempt, status, event, delay, error_code, error, provider,
+             provider_message_id, duration_ms, template_version)
+), done AS (
+    UPDATE pgnotify.notifications n
+    SET status = r.status,
+        run_at = CASE WHEN r.status = 'scheduled'
+                      THEN now() + make_interval(secs => r.delay) ELSE n.run_at END,
+        locked_by = NULL,
+        locked_until = NULL,
+        last_error = coalesce(r.error, n.last_error),
+        provider = coalesce(r.provider, n.provider),
+        provider_message_id = coalesce(r.provider_message_id, n.provider_message_id),
+        template_version = coalesce(r.template_version, n.template_version),
+        sent_at = CASE WHEN r.status = 'sent' THEN now() ELSE n.sent_at END,
+        updated_at = now()
+    FROM r
+    WHERE n.id = r.id AND n.attempts = r.attempt AND n.locked_by = $1 AND n.status = 'processing'
+    RETURNING n.id, n.run_at, n.status
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, attempt, worker, provider, duration_ms,
+                                 error_code, error, detail)
+    SELECT r.id, r.event, r.attempt, $1, r.provider, r.duration_ms, r.error_code, r.error,
+           CASE WHEN done.status = 'scheduled' THEN jsonb_build_object('retry_at', done.run_at) END
+    FROM r JOIN done ON done.id = r.id
+)
+SELECT id FROM done
+"""
+
+# heartbeat: extend worker $1's leases on (id, attempt) pairs $2/$3 by $4 seconds; never waits
+# on a row lock (the completer may be finishing that row right now).
+HEARTBEAT = """
+UPDATE pgnotify.notifications n
+SET locked_until = now() + make_interval(secs => $4)
+WHERE n.id IN (
+    SELECT id FROM pgnotify.notifications
+    WHERE (id, attempts) IN (SELECT * FROM unnest($2::bigint[], $3::int[]))
+      AND locked_by = $1 AND status = 'processing'
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING n.id
+"""
+
+# release: hand worker $1's unfinished claims (id, attempt pairs $2/$3) back to the queue on
+# shutdown without spending the attempt, and wake the other replicas for them.
+RELEASE = """
+WITH released AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'queued', attempts = n.attempts - 1, locked_by = NULL, locked_until = NULL,
+        updated_at = now()
+    WHERE (n.id, n.attempts) IN (SELECT * FROM unnest($2::bigint[], $3::int[]))
+      AND n.locked_by = $1 AND n.status = 'processing'
+    RETURNING n.id, n.attempts + 1 AS attempt, n.channel
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
+    SELECT id, 'released', attempt, $1 FROM released
+)
+SELECT channel, count(*) AS released, pg_notify('pgnotify', channel) AS woken
+FROM released GROUP BY channel
+"""
+
+# reap: requeue up to $1 rows whose lease expired (their worker died or stalled); a row whose
+# attempts are spent goes dead instead, so a row that kills its worker cannot loop forever.
+REAP = """
+WITH expired AS (
+    SELECT id, locked_by AS lost_worker FROM pgnotify.notifications
+    WHERE status = 'processing' AND locked_until < now()
+    ORDER BY locked_until
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), requeued AS (
+    UPDATE pgnotify.notifications n
+    SET status = CASE WHEN n.attempts >= n.max_attempts THEN 'dead' ELSE 'queued' END,
+        last_error = CASE WHEN n.attempts >= n.max_attempts
+            THEN format('lease expired during attempt %s: the worker stopped responding '
+                        '(gave up after %s attempts)', n.attempts, n.attempts)
+            ELSE n.last_error END,
+        locked_by = NULL, locked_until = NULL, updated_at = now()
+    FROM expired WHERE n.id = expired.id
+    RETURNING n.id, n.channel, n.status, n.attempts, expired.lost_worker
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, attempt, worker, error_code, error)
+    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'lease_expired' END, attempts,
+           lost_worker, 'lease_expired',
+           format('lease of worker %s expired during attempt %s', lost_worker, attempts)
+    FROM requeued
+)
+SELECT channel, count(*) FILTER (WHERE status = 'queued') AS requeued,
+       count(*) FILTER (WHERE status = 'dead') AS dead,
+       pg_notify('pgnotify', channel) AS woken
+FROM requeued GROUP BY channel
+"""
+
+# promote: up to $1 scheduled rows whose time has come become ready; wakes every replica.
+PROMOTE = """
+WITH due AS (
+    SELECT id FROM pgnotify.notifications
+    WHERE status = 'scheduled' AND run_at <= now()
+    ORDER BY run_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), promoted AS (
+    UPDATE pgnotify.notifications n SET status = 'queued', updated_at = now()
+    FROM due WHERE n.id = due.id
+    RETURNING n.channel
+)
+SELECT channel, count(*) AS promoted, pg_notify('pgnotify', channel) AS woken
+FROM promoted GROUP BY channel
+"""
+
+# next_due: seconds from now until the earliest scheduled row is due (NULL when none is).
+NEXT_DUE = """
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM pgnotify.notifications
+WHERE status = 'scheduled'
+"""
+
+# template: newest version of template $1 for channel $2, preferring locales in the order of $3.
+TEMPLATE = """
+SELECT key, channel, locale, version, subject, body, html_body FROM pgnotify.templates
+WHERE key = $1 AND channel = $2 AND locale = ANY($3::text[])
+ORDER BY array_position($3::text[], locale), version DESC
+LIMIT 1
+"""
+
+# inbox_deliver: store notification $1's in-app message for user $2 once; a retry finds it.
+INBOX_DELIVER = """
+WITH ins AS (
+    INSERT INTO pgnotify.inbox (notification_id, user_id, category, title, body, data)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (notification_id) DO NOTHING
+    RETURNING id
+)
+SELECT id FROM ins
+UNION ALL
+SELECT id FROM pgnotify.inbox WHERE notification_id = $1
+LIMIT 1
+"""
+
+# queue_status: per-channel counts for gauges and /status.
+QUEUE_STATUS = """
+SELECT channel, ready, scheduled, processing, retrying, dead, failed, oldest_ready_seconds
+FROM pgnotify.queue_status
+"""
+
+# ping: a NOTIFY round trip proving the listener connection delivers.
+PING = "SELECT pg_notify($1, $2)"
+
+# alive: the cheapest query that proves the pool reaches the database.
+ALIVE = "SELECT 1"
+
+# schema_version: the newest migration applied.
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM pgnotify.schema_migrations"
+
+# enqueue: the SQL API, as the CLI calls it.
+ENQUEUE = """
+SELECT pgnotify.enqueue(channel => $1, recipient => $2, template => $3, payload => $4,
+    subject => $5, body => $6, html_body => $7, user_id => $8, category => $9, locale => $10,
+    priority => $11, run_at => $12, max_attempts => $13, idempotency_key => $14)
+"""
+
+# cancel: the SQL API's cancel.
+CANCEL = "SELECT pgnotify.cancel($1)"
+
+# retry: the SQL API's requeue of a failed or dead row.
+RETRY = "SELECT pgnotify.retry($1)"
+
+# recent_failures: the last errors, for `pgnotify-worker status`.
+RECENT_ERRORS = """
+SELECT channel, provider, error_code, error, occurrences, last_seen
+FROM pgnotify.error_summary LIMIT $1
+"""
+
+ALL = {
+    name: value
+    for name, value in dict(globals()).items()
+    if name.isupper() and isinstance(value, str) and not name.startswith("_")
+}

@@ -1,0 +1,250 @@
+"""Settings: one pydantic-settings object, read once from PGNOTIFY_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pgnotify_worker.core import netguard
+from pgnotify_worker.errors import ConfigError
+from pgnotify_worker.models import CHANNELS
+
+ENV_PREFIX = "PGNOTIFY_"
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker; the README table is generated from these descriptions."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
+
+    # --- database ---------------------------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). Unset: an embedded "
+        "PostgreSQL is started under data_dir.",
+    )
+    listen_database_url: SecretStr | None = Field(
+        None,
+        description="Direct (not transaction-pooled) URL for the LISTEN connection; defaults to "
+        "database_url. Set it when database_url goes through PgBouncer/Supavisor in transaction "
+        "mode.",
+    )
+    listen: bool = Field(
+        True, description="Wake on LISTEN/NOTIFY. false = poll-only (every poll_interval)."
+    )
+    statement_cache_size: int = Field(
+        100, ge=0, description="asyncpg prepared-statement cache; 0 behind a transaction pooler."
+    )
+    pool_min_size: int = Field(1, ge=0, description="Minimum pooled connections.")
+    pool_max_size: int = Field(10, ge=1, description="Maximum pooled connections.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a connection.")
+    migrate_on_start: bool = Field(
+        True, description="Apply pending schema migrations at start (under an advisory lock)."
+    )
+
+    # --- delivery ---------------------------------------------------------------------------
+    worker_id: str | None = Field(
+        None,
+        description="Name in locked_by and events; default host-pid-random (unique per process).",
+    )
+    channels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [str(c) for c in CHANNELS],
+        description="Channels this replica serves, comma-separated.",
+    )
+    concurrency: int = Field(50, ge=1, le=10_000, description="In-flight sends per channel.")
+    channel_concurrency: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="Per-channel override, e.g. webhook=200,email=20."
+    )
+    lease_seconds: float = Field(
+        60.0, ge=1, description="Lease of a claimed row; extended while the send runs (heartbeat)."
+    )
+    poll_interval: float = Field(
+        5.0, gt=0, description="Fallback poll when no NOTIFY arrives (and the poll-only period)."
+    )
+    reap_interval: float = Field(10.0, gt=0, description="How often expired leases are requeued.")
+    grace_period: float = Field(
+        25.0, ge=0, description="On SIGTERM, seconds in-flight sends may take before they are cut."
+    )
+    retry_base_seconds: float = Field(5.0, gt=0, description="Ceiling of the first retry delay.")
+    retry_max_seconds: float = Field(3600.0, gt=0, description="Largest retry delay.")
+    listener_ping_interval: float = Field(
+        10.0, gt=0, description="Seconds between NOTIFY round trips that prove the listener works."
+    )
+    queue_metrics_interval: float = Field(
+        15.0, gt=0, description="How often queue-depth gauges are refreshed from the database."
+    )
+
+    # --- providers --------------------------------------------------------------------------
+    email_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["console"], description="Email providers in order: console, file."
+    )
+    sms_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["console"], description="SMS providers in order: console, file."
+    )
+    push_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["console"], description="Push providers in order: console, file."
+    )
+    webhook_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["webhook"],
+        description="Webhook providers: webhook, console, file.",
+    )
+    inapp_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["inapp"], description="In-app providers: inapp, console, file."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret (whsec_<base64>); several comma-separated "
+        "during rotation (each request carries every signature).",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds a webhook request may take.")
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs webhooks may reach although private/loopback, e.g. 10.0.0.0/8.",
+    )
+    file_sink_path: Path = Field(
+        Path(".pgnotify/outbox.jsonl"), description="Where the file dev sink appends JSON lines."
+    )
+
+    # --- HTTP, logs, embedded ----------------------------------------------------------------
+    http_host: str = Field(
+        "0.0.0.0",  # noqa: S104 - probes and Prometheus reach the pod from outside
+        description="Address of /metrics, /healthz, /readyz, /status.",
+    )
+    http_port: int = Field(9090, ge=0, le=65535, description="Port of the HTTP server (0 = any).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json lines, or text for humans."
+    )
+    data_dir: Path = Field(
+        Path(".pgnotify"), description="Embedded PostgreSQL data and dev files (no database_url)."
+    )
+
+    @field_validator(
+        "channels",
+        "email_providers",
+        "sms_providers",
+        "push_providers",
+        "webhook_providers",
+        "inapp_providers",
+        "webhook_allowed_networks",
+        mode="before",
+    )
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("channels")
+    @classmethod
+    def _known_channels(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in CHANNELS]
+        if unknown:
+            raise ValueError(
+                f"unknown channel(s) {', '.join(unknown)}; known: {', '.join(CHANNELS)}"
+            )
+        return value
+
+    @field_validator("channel_concurrency", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, int] = {}
+        for item in _split(value):
+            name, sep, number = item.partition("=")
+            if not sep or not number.strip().isdigit():
+                raise ValueError(f"{item!r} is not channel=number")
+            pairs[name.strip()] = int(number)
+        return pairs
+
+    @field_validator("channel_concurrency")
+    @classmethod
+    def _known_pairs(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, number in value.items():
+            if name not in CHANNELS:
+                raise ValueError(f"unknown channel {name!r}")
+            if number < 1:
+                raise ValueError(f"{name}: concurrency must be at least 1")
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        netguard.parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgres://", "postgresql://")
+        ):
+            raise ValueError("must start with postgresql:// (or postgres://)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError("retry_max_seconds must not be below retry_base_seconds")
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("pool_min_size must not exceed pool_max_size")
+        if self.worker_id is None:
+            self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return self
+
+    # --- derived -----------------------------------------------------------------------------
+    def concurrency_for(self, channel: str) -> int:
+        """In-flight limit of one channel."""
+        return self.channel_concurrency.get(channel, self.concurrency)
+
+    def providers_for(self, channel: str) -> list[str]:
+        """Provider names of one channel, in failover order."""
+        providers: list[str] = getattr(self, f"{channel}_providers")
+        return providers
+
+    def secret_values(self) -> list[str]:
+        """Every secret, so log scrubbing can remove it wherever it shows up."""
+        values = []
+        for field in (self.database_url, self.listen_database_url, self.webhook_secret):
+            if field is not None:
+                raw = field.get_secret_value()
+                values.append(raw)
+                values.extend(part.strip() for part in raw.split(",") if part.strip())
+                if "://" in raw and "@" in raw:  # the password inside a URL
+                    userinfo = raw.split("://", 1)[1].split("@", 1)[0]
+                    if ":" in userinfo:
+                        values.append(userinfo.split(":", 1)[1])
+        return [v for v in values if v]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; ConfigError with PGNOTIFY_ names when unusable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            name = f"{ENV_PREFIX}{where.upper()}" if error["loc"] else where
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("unusable settings:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Pure logic: no I/O, no asyncpg/aiohttp/prometheus imports; unit-tested without a database."""

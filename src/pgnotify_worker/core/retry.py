@@ -1,0 +1,28 @@
+"""Retry back-off: exponential with full jitter, Retry-After honoured. Pure: `rand` is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Delay before attempt n+1 after attempt n failed transiently."""
+
+    base: float = 5.0  # seconds; the ceiling of the first delay
+    cap: float = 3600.0  # no delay grows beyond this
+    retry_after_jitter: float = 0.1  # spread retries that share one Retry-After by up to 10 %
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay after `attempt` (1-based): base * 2^(attempt-1), capped."""
+        exponent = min(max(attempt, 1) - 1, 62)
+        return min(self.cap, self.base * (2.0**exponent))
+
+    def delay(self, attempt: int, retry_after: float | None, rand: float) -> float:
+        """Seconds to wait; `rand` is uniform in [0, 1)."""
+        if retry_after is not None and retry_after > 0:
+            # The provider said when; never earlier, a little later so retries do not collide.
+            wait = min(retry_after, self.cap)
+            return wait * (1.0 + self.retry_after_jitter * rand)
+        # Full jitter (AWS architecture blog): uniform over [0, ceiling].
+        return self.ceiling(attempt) * rand

@@ -1,0 +1,103 @@
+"""Notification states, what may follow what, and how an outcome maps to the next state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import assert_never
+
+from pgnotify_worker.core.retry import RetryPolicy
+from pgnotify_worker.models import Outcome, Permanent, Retryable, Sent
+
+
+class Status(enum.StrEnum):
+    """The status column of pgnotify.notifications."""
+
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SENT = "sent"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class Event(enum.StrEnum):
+    """The event column of pgnotify.events."""
+
+    CLAIMED = "claimed"
+    SENT = "sent"
+    RETRY_SCHEDULED = "retry_scheduled"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    LEASE_EXPIRED = "lease_expired"
+    RELEASED = "released"
+    REPLAYED = "replayed"
+
+
+TERMINAL = frozenset({Status.SENT, Status.FAILED, Status.DEAD, Status.CANCELLED, Status.SKIPPED})
+
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    Status.QUEUED: frozenset({Status.PROCESSING, Status.CANCELLED}),
+    Status.PROCESSING: frozenset(
+        {
+            Status.SENT,
+            Status.FAILED,
+            Status.DEAD,
+            Status.SKIPPED,
+            Status.SCHEDULED,  # retry later
+            Status.QUEUED,  # released on shutdown, or requeued after the lease expired
+        }
+    ),
+    Status.SENT: frozenset(),
+    Status.FAILED: frozenset({Status.QUEUED}),  # pgnotify.retry()
+    Status.DEAD: frozenset({Status.QUEUED}),  # pgnotify.retry()
+    Status.CANCELLED: frozenset(),
+    Status.SKIPPED: frozenset(),
+}
+
+
+def can_move(current: Status, new: Status) -> bool:
+    """True when `new` may follow `current`."""
+    return new in TRANSITIONS[current]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What the write-back does with one attempt's outcome."""
+
+    status: Status
+    event: Event
+    delay: float = 0.0  # seconds from database now() to the next attempt (SCHEDULED only)
+    error_code: str | None = None
+    error: str | None = None
+    provider_message_id: str | None = None
+
+
+def resolve(
+    outcome: Outcome, attempt: int, max_attempts: int, policy: RetryPolicy, rand: float
+) -> Resolution:
+    """Decide the next state after `attempt` ended with `outcome`."""
+    match outcome:
+        case Sent(provider_message_id=pmid):
+            return Resolution(Status.SENT, Event.SENT, provider_message_id=pmid)
+        case Permanent(code=code, message=message):
+            return Resolution(Status.FAILED, Event.FAILED, error_code=code, error=message)
+        case Retryable(code=code, message=message, retry_after=retry_after):
+            if attempt >= max_attempts:
+                return Resolution(
+                    Status.DEAD,
+                    Event.DEAD,
+                    error_code=code,
+                    error=f"{message} (gave up after {attempt} attempts)",
+                )
+            delay = policy.delay(attempt, retry_after, rand)
+            return Resolution(
+                Status.SCHEDULED, Event.RETRY_SCHEDULED, delay=delay, error_code=code, error=message
+            )
+        case _:
+            assert_never(outcome)

@@ -1,0 +1,89 @@
+"""JSON-lines logging with a stable field set, and scrubbing of secrets and addresses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterable
+
+from pgnotify_worker.core.redact import scrub
+
+# Fields a log call may pass in `extra`; anything else is ignored, so no payload sneaks in.
+FIELDS = (
+    "action",
+    "notification_id",
+    "channel",
+    "provider",
+    "attempt",
+    "outcome",
+    "error_code",
+    "recipient",
+    "duration_ms",
+    "count",
+    "version",
+    "worker_id",
+)
+
+
+class ScrubFilter(logging.Filter):
+    """Removes secret values, emails and phone numbers from every message."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+            record.exc_text = None
+        record.msg = scrub(message, self.secrets)
+        record.args = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, worker_id and the FIELDS given."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__()
+        self.worker_id = worker_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "worker_id": self.worker_id,
+        }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def setup_logging(
+    level: str, fmt: str, worker_id: str, secrets: Iterable[str] = (), stream: object = None
+) -> None:
+    """Configure the root logger once (idempotent)."""
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler.addFilter(ScrubFilter(secrets))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(worker_id))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_pgnotify", False):
+            root.removeHandler(old)
+    handler._pgnotify = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,138 @@
+"""Values that cross boundaries: claimed rows, rendered messages, send outcomes, wake-ups."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Channel = Literal["email", "sms", "push", "webhook", "inapp"]
+CHANNELS: tuple[Channel, ...] = ("email", "sms", "push", "webhook", "inapp")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A row the worker has claimed (its lease is held for `attempt`)."""
+
+    id: int
+    uid: str
+    channel: str
+    recipient: str
+    user_id: str | None
+    category: str | None
+    template: str | None
+    subject: str | None
+    body: str | None
+    html_body: str | None
+    locale: str | None
+    payload: dict[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    created_at: dt.datetime
+    claimed_at: dt.datetime  # database time of the claim
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries and workers, so a provider can drop a duplicate."""
+        return f"pgn_{self.uid}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    """What a provider sends: the notification with its template applied."""
+
+    notification_id: int
+    idempotency_key: str
+    channel: str
+    recipient: str
+    subject: str | None
+    text: str | None
+    html: str | None
+    data: dict[str, Any]
+    user_id: str | None = None
+    category: str | None = None
+    template: str | None = None
+    template_version: int | None = None
+    attempt: int = 1
+    created_at: dt.datetime | None = None
+
+
+# --- outcomes: every provider call ends as exactly one of these -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The provider accepted the message."""
+
+    provider_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retryable:
+    """A transient failure; try again later (not before `retry_after` seconds if given)."""
+
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Permanent:
+    """Retrying cannot help: bad recipient, rejected content, refused target."""
+
+    code: str
+    message: str
+
+
+Outcome = Sent | Retryable | Permanent
+
+
+# --- wake-ups: the payloads of NOTIFY pgnotify ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WakeChannel:
+    """Rows of this channel became ready."""
+
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeScheduled:
+    """Rows were scheduled; the earliest run_at may have moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class TemplatesChanged:
+    """pgnotify.templates changed; drop cached templates."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A listener health-check round trip."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """A payload this version does not know (a newer producer); treated as a poll."""
+
+    payload: str = field(default="")
+
+
+Wake = WakeChannel | WakeScheduled | TemplatesChanged | Ping | Unknown
+
+
+def parse_wake(payload: str) -> Wake:
+    """Map a NOTIFY payload to what it asks the worker to do."""
+    if payload in CHANNELS:
+        return WakeChannel(payload)
+    if payload == "scheduled":
+        return WakeScheduled()
+    if payload == "templates":
+        return TemplatesChanged()
+    if payload.startswith("ping:"):
+        return Ping(payload[5:])
+    return Unknown(payload)

@@ -1,0 +1,279 @@
+"""Composition root: builds everything from Settings inside one AsyncExitStack and runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import asyncpg
+
+from pgnotify_worker import __version__
+from pgnotify_worker.adapters import db, http_server, migrate
+from pgnotify_worker.adapters.listener import Listener, ListenerState
+from pgnotify_worker.adapters.metrics import Metrics
+from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
+from pgnotify_worker.config import Settings
+from pgnotify_worker.core.retry import RetryPolicy
+from pgnotify_worker.core.templates import Renderer
+from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
+from pgnotify_worker.errors import ConfigError
+from pgnotify_worker.worker import Health, Worker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """One worker process: HTTP server, pool, listener, providers and the delivery loop."""
+
+    def __init__(self, settings: Settings, dsn: str, listen_dsn: str | None = None) -> None:
+        assert settings.worker_id is not None
+        self.settings = settings
+        self.dsn = dsn
+        self.listen_dsn = listen_dsn or dsn
+        self.worker_id = settings.worker_id
+        self.metrics = Metrics(self.worker_id)
+        self.health = Health(listen=settings.listen)
+        self.started_at = time.time()
+        self.http_port: int | None = None
+        self.worker: Worker | None = None
+        self.store: db.QueueStore | None = None
+        self.providers: dict[str, ChannelProviders] = {}
+        self.ready = asyncio.Event()  # set once the worker claims (tests and the CLI wait on it)
+        self._stop_requested = asyncio.Event()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self, *, force: bool = False) -> None:
+        """Graceful stop; force skips the grace period."""
+        self._stop_requested.set()
+        if self.worker is not None:
+            self.worker.stop(force=force)
+
+    def _install_signals(self) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+        seen: list[int] = []
+
+        def handle(signum: int) -> None:
+            seen.append(signum)
+            force = len(seen) > 1
+            log.info(
+                "received %s%s",
+                signal.Signals(signum).name,
+                " again: cutting in-flight sends now" if force else ": stopping gracefully",
+                extra={"action": "signal"},
+            )
+            self.stop(force=force)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, handle, signum)
+
+        def remove() -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+        return remove
+
+    async def _connect(self) -> asyncpg.Pool | None:
+        """Migrate (if set), check the schema version and open the pool; retry while the
+        database is unreachable, fail at once on what retrying cannot fix (auth, no database)."""
+        delay = 0.5
+        while not self._stop_requested.is_set():
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self.settings.connect_timeout)
+                try:
+                    if self.settings.migrate_on_start:
+                        await migrate.migrate(conn)
+                    await migrate.check_version(conn)
+                finally:
+                    await conn.close()
+                return await db.create_pool(
+                    self.dsn,
+                    min_size=self.settings.pool_min_size,
+                    max_size=self.settings.pool_max_size,
+                    statement_cache_size=self.settings.statement_cache_size,
+                    connect_timeout=self.settings.connect_timeout,
+                    application_name=f"pgnotify-worker {self.worker_id}",
+                )
+            except (
+                asyncpg.InvalidPasswordError,
+                asyncpg.InvalidAuthorizationSpecificationError,
+                asyncpg.InvalidCatalogNameError,
+            ) as exc:
+                raise ConfigError(f"cannot use the database: {exc}") from None
+            except db.DB_UNAVAILABLE as exc:
+                self.health.db_ok = False
+                self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning(
+                    "cannot reach the database (%s); retrying in %.1fs",
+                    self.health.db_error,
+                    delay,
+                    extra={"action": "db_connect_failed"},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), delay)
+                delay = min(delay * 2, 10.0)
+        return None  # stopped before the database came up
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Run until stopped (SIGTERM/SIGINT or stop())."""
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            if install_signals:
+                stack.callback(self._install_signals())
+            app = http_server.make_app(self.status, self.ready_reasons, self.metrics.render)
+            try:
+                runner, self.http_port = await http_server.start(app, s.http_host, s.http_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"PGNOTIFY_HTTP_PORT: cannot listen on {s.http_host}:{s.http_port}: "
+                    f"{exc.strerror}"
+                ) from None
+            stack.push_async_callback(runner.cleanup)
+            log.info(
+                "http server on %s:%s",
+                s.http_host,
+                self.http_port,
+                extra={"action": "http_started"},
+            )
+
+            pool = await self._connect()
+            if pool is None:
+                return
+            stack.push_async_callback(pool.close)
+            self.health.db_ok = True
+            self.health.db_error = None
+            store = db.QueueStore(pool, self.worker_id)
+            self.store = store
+
+            self.providers = build_providers(s, store)
+            for entry in self.providers.values():
+                for provider in entry.providers:
+                    await provider.start()
+                    stack.push_async_callback(provider.close)
+                self.metrics.channel_enabled.labels(entry.channel).set(
+                    0 if entry.disabled_reason else 1
+                )
+
+            templates = TemplateStore(store)
+            dispatcher = Dispatcher(
+                self.providers,
+                templates,
+                Renderer(),
+                RetryPolicy(base=s.retry_base_seconds, cap=s.retry_max_seconds),
+                observe_send=lambda c, p, sec: self.metrics.send_duration.labels(c, p).observe(sec),
+            )
+            enabled = {
+                channel: s.concurrency_for(channel)
+                for channel, entry in self.providers.items()
+                if not entry.disabled_reason
+            }
+            worker = Worker(
+                store,
+                dispatcher,
+                templates,
+                self.metrics,
+                self.health,
+                enabled,
+                WorkerSettings(
+                    lease_seconds=s.lease_seconds,
+                    poll_interval=s.poll_interval,
+                    reap_interval=s.reap_interval,
+                    grace_period=s.grace_period,
+                    queue_metrics_interval=s.queue_metrics_interval,
+                ),
+            )
+            self.worker = worker
+            if self._stop_requested.is_set():
+                worker.stop()
+
+            background = []
+            if s.listen:
+                listener = Listener(
+                    self.listen_dsn,
+                    self.worker_id,
+                    worker.on_wake,
+                    worker.on_listener_connect,
+                    ping_interval=s.listener_ping_interval,
+                    connect_timeout=s.connect_timeout,
+                    on_state_change=self._listener_changed,
+                )
+                self.health.listener = listener.state
+                background.append(listener.run)
+            else:
+                log.info(
+                    "LISTEN is off: polling every %.1fs",
+                    s.poll_interval,
+                    extra={"action": "poll_only"},
+                )
+            self.ready.set()
+            log.info(
+                "worker %s ready: channels %s",
+                self.worker_id,
+                ", ".join(f"{c}={n}" for c, n in enabled.items()) or "none",
+                extra={"action": "ready"},
+            )
+            await worker.run(background)
+
+    def _listener_changed(self, state: ListenerState) -> None:
+        self.metrics.listener_connected.set(1 if state.connected else 0)
+        if state.connected and state.reconnects:
+            self.metrics.listener_reconnects.inc()
+
+    # --- HTTP callbacks --------------------------------------------------------------------------
+
+    async def ready_reasons(self) -> list[str]:
+        """Empty when ready."""
+        reasons = self.health.reasons()
+        if self.store is not None and not await self.store.alive():
+            reasons.append("database does not answer")
+        self.metrics.ready.set(0 if reasons else 1)
+        return reasons
+
+    async def status(self) -> dict[str, Any]:
+        """The /status document."""
+        worker = self.worker
+        channels = {}
+        for name, entry in self.providers.items():
+            state = worker.channels.get(name) if worker else None
+            channels[name] = {
+                "enabled": entry.disabled_reason is None,
+                "disabled_reason": entry.disabled_reason,
+                "providers": [p.name for p in entry.providers],
+                "concurrency": state.limit if state else 0,
+                "in_flight": state.in_flight if state else 0,
+            }
+        queue: list[dict[str, Any]] | dict[str, str] = []
+        if self.store is not None:
+            try:
+                queue = await asyncio.wait_for(self.store.queue_status(), 5)
+            except db.DB_ERRORS as exc:
+                queue = {"error": type(exc).__name__}
+        listener = self.health.listener
+        return {
+            "worker_id": self.worker_id,
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "ready": not self.health.reasons(),
+            "not_ready_reasons": self.health.reasons(),
+            "database": {"ok": self.health.db_ok, "last_error": self.health.db_error},
+            "listener": (
+                {
+                    "enabled": True,
+                    "connected": listener.connected,
+                    "reconnects": listener.reconnects,
+                    "last_ping_ms": listener.last_ping_ms,
+                    "last_error": listener.last_error,
+                }
+                if listener is not None
+                else {"enabled": False, "poll_interval": self.settings.poll_interval}
+            ),
+            "held_claims": len(worker.held) if worker else 0,
+            "channels": channels,
+            "queue": queue,
+        }

@@ -1,0 +1,436 @@
+"""The claim loop: wake on NOTIFY, a timer or a freed slot; claim what fits; send; write back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from pgnotify_worker.adapters.db import DB_ERRORS, DB_UNAVAILABLE, QueueStore
+from pgnotify_worker.adapters.listener import ListenerState
+from pgnotify_worker.adapters.metrics import QUEUE_STATES, Metrics
+from pgnotify_worker.dispatcher import Delivery, Dispatcher, TemplateStore
+from pgnotify_worker.models import (
+    Notification,
+    Ping,
+    TemplatesChanged,
+    Unknown,
+    Wake,
+    WakeChannel,
+    WakeScheduled,
+)
+
+log = logging.getLogger(__name__)
+COMPLETE_BATCH = 500
+PROMOTE_BATCH = 1000
+
+
+@dataclass
+class ChannelState:
+    """Claiming state of one channel in this worker."""
+
+    name: str
+    limit: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int = 0
+    want_more: bool = False
+
+    @property
+    def refill(self) -> int:
+        """Free slots worth a claim while sends are still running (batching under load)."""
+        return max(1, self.limit // 4)
+
+
+@dataclass
+class Health:
+    """What /readyz and /status say."""
+
+    listen: bool = True
+    started: bool = False
+    stopping: bool = False
+    db_ok: bool = True
+    db_error: str | None = None
+    listener: ListenerState | None = None
+
+    def reasons(self) -> list[str]:
+        """Why the worker is not ready; empty when it is."""
+        reasons = []
+        if not self.started:
+            reasons.append("starting")
+        if self.stopping:
+            reasons.append("stopping")
+        if not self.db_ok:
+            reasons.append(f"database unavailable: {self.db_error}")
+        if self.listen and (self.listener is None or not self.listener.connected):
+            error = self.listener.last_error if self.listener else None
+            reasons.append(f"listener not connected{': ' + error if error else ''}")
+        return reasons
+
+
+@dataclass
+class WorkerSettings:
+    """The knobs the loop needs (taken from Settings by the service)."""
+
+    lease_seconds: float = 60.0
+    poll_interval: float = 5.0
+    reap_interval: float = 10.0
+    grace_period: float = 25.0
+    queue_metrics_interval: float = 15.0
+    drain_timeout: float = 10.0
+
+
+class Worker:
+    """Owns every task of the delivery loop; `run` returns after a graceful stop."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        dispatcher: Dispatcher,
+        templates: TemplateStore,
+        metrics: Metrics,
+        health: Health,
+        channels: dict[str, int],
+        config: WorkerSettings,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.templates = templates
+        self.metrics = metrics
+        self.health = health
+        self.config = config
+        self.channels = {name: ChannelState(name, limit) for name, limit in channels.items()}
+        self.held: dict[int, int] = {}  # claimed, outcome not yet written: id -> attempt
+        self.progress = asyncio.Condition()  # notified after every write-back (tests await it)
+        self._results: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._schedule_wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sends: anyio.abc.TaskGroup | None = None
+        self._last_sweep = 0.0
+
+    # --- wake-ups ------------------------------------------------------------------------------
+
+    def on_wake(self, wake: Wake) -> None:
+        """A NOTIFY arrived (called by the listener)."""
+        match wake:
+            case WakeChannel(channel=name):
+                state = self.channels.get(name)
+                if state is not None:
+                    state.wake.set()
+            case WakeScheduled():
+                self._schedule_wake.set()
+            case TemplatesChanged():
+                self.templates.invalidate()
+            case Unknown():
+                self.wake_all()
+            case Ping():
+                pass
+
+    def wake_all(self) -> None:
+        """Sweep: every channel claims and the scheduler looks again (poll, reconnect)."""
+        for state in self.channels.values():
+            state.wake.set()
+        self._schedule_wake.set()
+
+    def on_listener_connect(self) -> None:
+        """After every (re)connect NOTIFYs may have been missed: sweep."""
+        self.templates.invalidate()
+        self.wake_all()
+
+    def stop(self, *, force: bool = False) -> None:
+        """Begin the graceful stop (a second call with force skips the grace period)."""
+        self._stop.set()
+        if force:
+            self._force.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but return at once when stopping."""
+        with anyio.move_on_after(seconds):
+            await self._stop.wait()
+
+    def _db_failed(self, operation: str, exc: BaseException) -> None:
+        self.metrics.db_errors.labels(operation).inc()
+        if isinstance(exc, DB_UNAVAILABLE):
+            self.health.db_ok = False
+        self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning(
+            "%s failed: %s",
+            operation,
+            self.health.db_error,
+            extra={"action": f"{operation}_failed"},
+        )
+
+    def _db_worked(self) -> None:
+        if not self.health.db_ok:
+            log.info("database reachable again", extra={"action": "db_recovered"})
+        self.health.db_ok = True
+        self.health.db_error = None
+
+    # --- the main loop -----------------------------------------------------------------------
+
+    async def run(self, background: Sequence[Callable[[], Coroutine[Any, Any, Any]]] = ()) -> None:
+        """Run until stop(); then stop claiming, finish sends, write back, hand the rest back."""
+        async with anyio.create_task_group() as loops:
+            loops.start_soon(self._completer_loop)
+            loops.start_soon(self._heartbeat_loop)
+            loops.start_soon(self._scheduler_loop)
+            loops.start_soon(self._reaper_loop)
+            loops.start_soon(self._queue_metrics_loop)
+            for task in background:
+                loops.start_soon(task)
+            async with anyio.create_task_group() as sends:
+                self._sends = sends
+                async with anyio.create_task_group() as claimers:
+                    for state in self.channels.values():
+                        claimers.start_soon(self._claim_loop, state)
+                    self.health.started = True
+                    self.wake_all()
+                    await self._stop.wait()
+                    self.health.stopping = True
+                    log.info("stopping: no new claims", extra={"action": "stopping"})
+                    for state in self.channels.values():
+                        state.wake.set()
+                await self._grace(sends)
+            with anyio.move_on_after(self.config.drain_timeout):
+                await self._results.join()
+            await self._release_unfinished()
+            loops.cancel_scope.cancel()
+        log.info("stopped", extra={"action": "stopped"})
+
+    async def _grace(self, sends: anyio.abc.TaskGroup) -> None:
+        """Wait for in-flight sends up to the grace period, then cut what remains."""
+        with anyio.move_on_after(self.config.grace_period):
+            async with anyio.create_task_group() as waiters:
+
+                async def idle() -> None:
+                    await self._idle.wait()
+                    waiters.cancel_scope.cancel()
+
+                async def forced() -> None:
+                    await self._force.wait()
+                    waiters.cancel_scope.cancel()
+
+                waiters.start_soon(idle)
+                waiters.start_soon(forced)
+        if not self._idle.is_set():
+            running = sum(s.in_flight for s in self.channels.values())
+            log.warning(
+                "grace period over: cutting %s sends; their rows are handed back",
+                running,
+                extra={"action": "grace_expired", "count": running},
+            )
+            sends.cancel_scope.cancel()
+
+    async def _release_unfinished(self) -> None:
+        if not self.held:
+            return
+        held = list(self.held.items())
+        try:
+            released = await self.store.release(held)
+        except DB_ERRORS as exc:
+            self._db_failed("release", exc)
+            log.warning(
+                "could not hand back %s claims; they return when their lease expires",
+                len(held),
+                extra={"action": "release_failed", "count": len(held)},
+            )
+            return
+        for channel, count in released.items():
+            self.metrics.notifications.labels(channel, "none", "released").inc(count)
+        total = sum(released.values())
+        log.info(
+            "handed back %s unfinished claims", total, extra={"action": "released", "count": total}
+        )
+        self.held.clear()
+
+    # --- claiming and sending ------------------------------------------------------------------
+
+    async def _claim_loop(self, state: ChannelState) -> None:
+        backoff = 0.05
+        while True:
+            await state.wake.wait()
+            state.wake.clear()
+            while not self._stop.is_set():
+                free = state.limit - state.in_flight
+                if state.in_flight > 0 and free < state.refill:
+                    state.want_more = True  # a finishing send wakes us when enough slots free up
+                    break
+                try:
+                    rows = await self.store.claim(state.name, free, self.config.lease_seconds)
+                except DB_ERRORS as exc:
+                    self._db_failed("claim", exc)
+                    await self._sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 5.0)
+                    state.wake.set()
+                    break
+                backoff = 0.05
+                self._db_worked()
+                self.metrics.claim_batch.observe(len(rows))
+                if rows:
+                    self.metrics.claimed.labels(state.name).inc(len(rows))
+                for n in rows:
+                    self._start_send(state, n)
+                if len(rows) < free:
+                    break  # nothing more is ready
+            if self._stop.is_set():
+                return
+
+    def _start_send(self, state: ChannelState, n: Notification) -> None:
+        assert self._sends is not None
+        self.held[n.id] = n.attempt
+        state.in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.labels(state.name).inc()
+        self._sends.start_soon(self._send, state, n)
+
+    async def _send(self, state: ChannelState, n: Notification) -> None:
+        try:
+            delivery = await self.dispatcher.deliver(n)
+            self._results.put_nowait(delivery)
+        finally:
+            state.in_flight -= 1
+            self.metrics.in_flight.labels(state.name).dec()
+            if state.want_more and (
+                state.in_flight == 0 or state.limit - state.in_flight >= state.refill
+            ):
+                state.want_more = False
+                state.wake.set()
+            if all(s.in_flight == 0 for s in self.channels.values()):
+                self._idle.set()
+
+    # --- write-back ------------------------------------------------------------------------------
+
+    async def _completer_loop(self) -> None:
+        while True:
+            batch = [await self._results.get()]
+            while len(batch) < COMPLETE_BATCH and not self._results.empty():
+                batch.append(self._results.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._results.task_done()
+
+    async def _write(self, batch: list[Delivery]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                written = await self.store.complete([d.completion for d in batch])
+                break
+            except DB_ERRORS as exc:
+                self._db_failed("complete", exc)
+                await anyio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+        self._db_worked()
+        self.metrics.completion_batch.observe(len(batch))
+        retry_scheduled = False
+        for d in batch:
+            c = d.completion
+            if self.held.get(c.id) == c.attempt:
+                del self.held[c.id]
+            if c.id not in written:
+                self.metrics.notifications.labels(d.channel, d.provider, "lost_lease").inc()
+                log.warning(
+                    "outcome of notification %s attempt %s not written: its lease was lost",
+                    c.id,
+                    c.attempt,
+                    extra={"action": "lost_lease", "notification_id": c.id, "attempt": c.attempt},
+                )
+                continue
+            self.metrics.notifications.labels(d.channel, d.provider, d.outcome).inc()
+            if d.e2e_seconds is not None:
+                self.metrics.end_to_end.labels(d.channel).observe(d.e2e_seconds)
+            retry_scheduled = retry_scheduled or d.outcome == "retry"
+        if retry_scheduled:
+            self._schedule_wake.set()
+        async with self.progress:
+            self.progress.notify_all()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.lease_seconds / 3
+        while True:
+            await anyio.sleep(interval)
+            if not self.held:
+                continue
+            try:
+                await self.store.heartbeat(list(self.held.items()), self.config.lease_seconds)
+            except DB_ERRORS as exc:
+                self._db_failed("heartbeat", exc)
+
+    # --- time: scheduled rows, the fallback poll, expired leases ---------------------------------
+
+    async def _scheduler_loop(self) -> None:
+        backoff = 0.1
+        self._last_sweep = time.monotonic()
+        while True:
+            self._schedule_wake.clear()
+            timeout = self.config.poll_interval
+            try:
+                promoted = await self.store.promote(PROMOTE_BATCH)
+                for channel in promoted:
+                    if channel in self.channels:
+                        self.channels[channel].wake.set()
+                if sum(promoted.values()) >= PROMOTE_BATCH:
+                    continue  # more came due than one batch holds
+                due = await self.store.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(due, 0.001))
+                backoff = 0.1
+                self._db_worked()
+            except DB_ERRORS as exc:
+                self._db_failed("promote", exc)
+                timeout = min(timeout, backoff)
+                backoff = min(backoff * 2, 5.0)
+            if time.monotonic() - self._last_sweep >= self.config.poll_interval:
+                self._last_sweep = time.monotonic()
+                for state in self.channels.values():  # the fallback poll: NOTIFY may be lost
+                    state.wake.set()
+                timeout = min(timeout, self.config.poll_interval)
+            with anyio.move_on_after(timeout):
+                await self._schedule_wake.wait()
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.reap_interval * (0.75 + random.random() / 2))
+            try:
+                reaped = await self.store.reap()
+            except DB_ERRORS as exc:
+                self._db_failed("reap", exc)
+                continue
+            for channel, requeued, dead in reaped:
+                self.metrics.leases_expired.labels(channel).inc(requeued + dead)
+                if channel in self.channels:
+                    self.channels[channel].wake.set()
+                log.warning(
+                    "requeued %s %s rows whose lease expired (%s dead)",
+                    requeued,
+                    channel,
+                    dead,
+                    extra={
+                        "action": "leases_expired",
+                        "channel": channel,
+                        "count": requeued + dead,
+                    },
+                )
+
+    async def _queue_metrics_loop(self) -> None:
+        while True:
+            try:
+                for row in await self.store.queue_status():
+                    for state in QUEUE_STATES:
+                        self.metrics.queue_depth.labels(row["channel"], state).set(row[state])
+                    self.metrics.oldest_ready.labels(row["channel"]).set(
+                        row["oldest_ready_seconds"]
+                    )
+            except DB_ERRORS as exc:
+                self._db_failed("queue_status", exc)
+            await anyio.sleep(self.config.queue_metrics_interval)

@@ -45,6 +45,7 @@ class Service:
         self.store: db.QueueStore | None = None
         self.providers: dict[str, ChannelProviders] = {}
         self.ready = asyncio.Event()  # set once the worker claims (tests and the CLI wait on it)
+        self.listening = asyncio.Event()  # set while the listener is connected and proven
         self._stop_requested = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -222,6 +223,10 @@ class Service:
 
     def _listener_changed(self, state: ListenerState) -> None:
         self.metrics.listener_connected.set(1 if state.connected else 0)
+        if state.connected:
+            self.listening.set()
+        else:
+            self.listening.clear()
         if state.connected and state.reconnects:
             self.metrics.listener_reconnects.inc()
 

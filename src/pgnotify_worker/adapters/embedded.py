@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ class EmbeddedPostgres:
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """Start (or attach to) the persistent server whose data lives in data_dir/pgdata."""
     try:
-        import pgserver  # noqa: PLC0415 - optional extra, imported only when used
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import pgserver  # noqa: PLC0415 - optional extra, imported only when used
     except ImportError:
         raise ConfigError(
             "PGNOTIFY_DATABASE_URL is not set and the embedded PostgreSQL is not installed: "

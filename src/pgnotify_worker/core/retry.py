@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_RETRY_AFTER = 86_400.0  # a provider asking for more than a day is treated as asking for a day
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -21,8 +23,9 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None, rand: float) -> float:
         """Seconds to wait; `rand` is uniform in [0, 1)."""
         if retry_after is not None and retry_after > 0:
-            # The provider said when; never earlier, a little later so retries do not collide.
-            wait = min(retry_after, self.cap)
+            # The provider said when: never earlier (our cap does not shorten it), a little later
+            # so rows throttled together do not come back together.
+            wait = min(retry_after, MAX_RETRY_AFTER)
             return wait * (1.0 + self.retry_after_jitter * rand)
         # Full jitter (AWS architecture blog): uniform over [0, ceiling].
         return self.ceiling(attempt) * rand

@@ -26,7 +26,9 @@ async def test_migrations_apply_from_zero_and_record_themselves(empty_dsn: str) 
         assert applied == list(range(1, SCHEMA_VERSION + 1))
         assert await migrate.check_version(conn) == SCHEMA_VERSION
         assert await migrate.migrate(conn) == []  # nothing left to do
-        first = await conn.fetchrow("SELECT version, name FROM pgnotify.schema_migrations ORDER BY 1")
+        first = await conn.fetchrow(
+            "SELECT version, name FROM pgnotify.schema_migrations ORDER BY 1"
+        )
         assert (first["version"], first["name"]) == (1, "core")
     finally:
         await conn.close()

@@ -162,10 +162,13 @@ class Worker:
         if isinstance(exc, DB_UNAVAILABLE):
             self.health.db_ok = False
         self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
-        log.warning(
+        expected = isinstance(exc, DB_ERRORS)
+        log.log(
+            logging.WARNING if expected else logging.ERROR,
             "%s failed: %s",
             operation,
             self.health.db_error,
+            exc_info=not expected,  # a surprise gets its traceback
             extra={"action": f"{operation}_failed"},
         )
 
@@ -236,7 +239,7 @@ class Worker:
         held = list(self.held.items())
         try:
             released = await self.store.release(held)
-        except DB_ERRORS as exc:
+        except Exception as exc:  # a loop outlives any failure
             self._db_failed("release", exc)
             log.warning(
                 "could not hand back %s claims; they return when their lease expires",
@@ -266,7 +269,7 @@ class Worker:
                     break
                 try:
                     rows = await self.store.claim(state.name, free, self.config.lease_seconds)
-                except DB_ERRORS as exc:
+                except Exception as exc:  # a loop outlives any failure
                     self._db_failed("claim", exc)
                     await self._sleep(backoff * (0.5 + random.random()))
                     backoff = min(backoff * 2, 5.0)
@@ -326,7 +329,7 @@ class Worker:
             try:
                 written = await self.store.complete([d.completion for d in batch])
                 break
-            except DB_ERRORS as exc:
+            except Exception as exc:  # a loop outlives any failure
                 self._db_failed("complete", exc)
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
@@ -363,7 +366,7 @@ class Worker:
                 continue
             try:
                 await self.store.heartbeat(list(self.held.items()), self.config.lease_seconds)
-            except DB_ERRORS as exc:
+            except Exception as exc:  # a loop outlives any failure
                 self._db_failed("heartbeat", exc)
 
     # --- time: scheduled rows, the fallback poll, expired leases ---------------------------------
@@ -386,7 +389,7 @@ class Worker:
                     timeout = min(timeout, max(due, 0.001))
                 backoff = 0.1
                 self._db_worked()
-            except DB_ERRORS as exc:
+            except Exception as exc:  # a loop outlives any failure
                 self._db_failed("promote", exc)
                 timeout = min(timeout, backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -403,7 +406,7 @@ class Worker:
             await anyio.sleep(self.config.reap_interval * (0.75 + random.random() / 2))
             try:
                 reaped = await self.store.reap()
-            except DB_ERRORS as exc:
+            except Exception as exc:  # a loop outlives any failure
                 self._db_failed("reap", exc)
                 continue
             for channel, requeued, dead in reaped:
@@ -431,6 +434,6 @@ class Worker:
                     self.metrics.oldest_ready.labels(row["channel"]).set(
                         row["oldest_ready_seconds"]
                     )
-            except DB_ERRORS as exc:
+            except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

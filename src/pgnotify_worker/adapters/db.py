@@ -23,6 +23,7 @@ DB_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.InternalClientError,  # a connection broken in the middle of an operation
 )
 # Any failed database call: unreachable, or an error the server reported.
 DB_ERRORS: tuple[type[Exception], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError)

@@ -25,7 +25,6 @@ class ListenerUnhealthy(Exception):
     """The connection is open but a NOTIFY round trip did not come back."""
 
 
-LISTENER_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ListenerUnhealthy)
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Listener:
                 self.on_connect()
                 delay = 0.1
                 await self._watch(conn, lost)
-            except LISTENER_ERRORS as exc:
+            except Exception as exc:  # whatever broke, the listener comes back
                 was_connected = self.state.connected
                 self.state.connected = False
                 self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -111,10 +110,13 @@ class Listener:
                 if was_connected:
                     self.state.reconnects += 1
                 self.on_state_change(self.state)
-                log.warning(
+                expected = isinstance(exc, (*DB_ERRORS, ListenerUnhealthy))
+                log.log(
+                    logging.WARNING if expected else logging.ERROR,
                     "listener lost (%s); reconnecting in %.1fs",
                     self.state.last_error,
                     delay,
+                    exc_info=not expected,
                     extra={"action": "listener_lost"},
                 )
             finally:

@@ -85,11 +85,6 @@ def test_mask_recipient_by_channel(channel: str, recipient: str, expected: str) 
     assert mask_recipient(channel, recipient) == expected
 
 
-@pytest.mark.xfail(
-    reason="BUG: redact.py:38 reads parts.port outside the try, so a webhook URL with an "
-    "out-of-range port raises ValueError while logging the failure instead of masking",
-    strict=True,
-)
 @pytest.mark.parametrize("url", ["http://hooks.example.com:99999/x", "http://h:-1/"])
 def test_mask_url_never_raises_on_a_bad_port(url: str) -> None:
     masked = mask_recipient("webhook", url)

@@ -234,7 +234,7 @@ class Settings(BaseSettings):
                     userinfo = raw.split("://", 1)[1].split("@", 1)[0]
                     if ":" in userinfo:
                         values.append(userinfo.split(":", 1)[1])
-        return [v for v in values if v]
+        return sorted({v for v in values if v}, key=len, reverse=True)  # longest first
 
 
 def load_settings(**overrides: Any) -> Settings:

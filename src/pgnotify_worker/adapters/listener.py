@@ -25,8 +25,6 @@ class ListenerUnhealthy(Exception):
     """The connection is open but a NOTIFY round trip did not come back."""
 
 
-
-
 @dataclass
 class ListenerState:
     """What /readyz and /status report about the listener."""

@@ -16,8 +16,6 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
     try:
         seconds = float(value)
     except ValueError:

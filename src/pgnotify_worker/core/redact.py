@@ -17,8 +17,10 @@ def mask_email(address: str) -> str:
     local, _, domain = address.partition("@")
     if not domain:
         return "***"
-    name, _, tld = domain.rpartition(".")
-    return f"{local[:1]}***@{(name or domain)[:1]}***.{tld or '***'}"
+    name, dot, tld = domain.rpartition(".")
+    if not dot:
+        return f"{local[:1]}***@{domain[:1]}***"
+    return f"{local[:1]}***@{name[:1]}***.{tld}"
 
 
 def mask_phone(number: str) -> str:
@@ -32,11 +34,10 @@ def mask_url(url: str) -> str:
     """Scheme and host only: paths often carry tokens."""
     try:
         parts = urlsplit(url)
-    except ValueError:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a malformed port raises only when read
         return "<url>"
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}/…"
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}/…"
 
 
 def mask_token(token: str) -> str:

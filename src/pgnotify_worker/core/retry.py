@@ -12,7 +12,7 @@ class RetryPolicy:
     """Delay before attempt n+1 after attempt n failed transiently."""
 
     base: float = 5.0  # seconds; the ceiling of the first delay
-    cap: float = 3600.0  # no delay grows beyond this
+    cap: float = 3600.0  # no back-off grows beyond this (a provider's Retry-After may ask for more)
     retry_after_jitter: float = 0.1  # spread retries that share one Retry-After by up to 10 %
 
     def ceiling(self, attempt: int) -> float:

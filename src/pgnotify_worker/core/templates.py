@@ -5,20 +5,24 @@ from __future__ import annotations
 import contextvars
 import functools
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import markupsafe
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from pgnotify_worker.errors import TemplateError
 
-LOOP_FN = "_pgn_loop"
+TICK_FN = "_pgn_tick"
+CONCAT_FN = "_pgn_concat"
 _WIDTH_LIMIT = 10_000
-_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +46,7 @@ class Rendered:
 
 
 class _Budget:
-    """Counts loop iterations of one render."""
+    """Counts loop iterations of one render (recursive loops included)."""
 
     __slots__ = ("left",)
 
@@ -56,55 +60,145 @@ class _Budget:
 
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("pgnotify_template_budget")
+_MAX_OUTPUT: contextvars.ContextVar[int] = contextvars.ContextVar("pgnotify_max_output")
 
 
-def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
-    budget = _BUDGET.get()
-    for item in iterable:
-        budget.take()
-        yield item
+def _tick() -> str:
+    """Called at the top of every loop body: one iteration spent."""
+    _BUDGET.get().take()
+    return ""
 
 
-def _check_width(name: str, value: Any) -> None:
+def _limit(size: int, what: str) -> None:
+    """Refuse to build anything larger than the output may be."""
+    if size > _MAX_OUTPUT.get():
+        raise TemplateError("template_limit", f"{what} would be larger than the output limit")
+
+
+def _width(value: Any, what: str) -> None:
     if isinstance(value, int) and abs(value) > _WIDTH_LIMIT:
-        raise TemplateError(
-            "template_limit", f"filter {name}: width {value} is over {_WIDTH_LIMIT}"
-        )
+        raise TemplateError("template_limit", f"{what}: width {value} is over {_WIDTH_LIMIT}")
 
 
-def _guard_filter(
-    name: str, fn: Callable[..., Any], positions: tuple[int, ...], keys: tuple[str, ...]
-) -> Any:
-    """Wrap a filter so numeric width arguments stay small (no '|center(10**9)')."""
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        for pos in positions:
-            if pos < len(args):
-                _check_width(name, args[pos])
-        for key in keys:
-            if key in kwargs:
-                _check_width(name, kwargs[key])
-        return fn(*args, **kwargs)
-
-    return guarded
+def _concat(*parts: Any) -> Any:
+    """`a ~ b` with a size check; Markup stays Markup (autoescape)."""
+    texts = [p if isinstance(p, str) else str(p) for p in parts]
+    _limit(sum(len(t) for t in texts), "concatenation")
+    if any(hasattr(p, "__html__") for p in parts):
+        return markupsafe.Markup("").join(parts)
+    return "".join(texts)
 
 
-def _safe_format(value: str, *args: Any, **kwargs: Any) -> str:
-    for match in _FORMAT_WIDTH.finditer(str(value)):
+def _check_percent_format(fmt: str) -> None:
+    for match in _PERCENT_SPEC.finditer(fmt):
         for group in match.groups():
             if group == "*" or (group and int(group) > _WIDTH_LIMIT):
                 raise TemplateError("template_limit", "format: field width over the limit")
-    result: str = jinja2.filters.do_format(value, *args, **kwargs)
-    return result
+
+
+def _check_brace_format(fmt: str, depth: int = 0) -> None:
+    """str.format specs: no huge widths, no nested fields we cannot check."""
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # str.format itself will raise the same ValueError
+    for _literal, _name, spec, _conversion in fields:
+        if not spec:
+            continue
+        if "{" in spec:
+            raise TemplateError("template_limit", "format: nested fields in a format spec")
+        for number in re.findall(r"\d+", spec):
+            if int(number) > _WIDTH_LIMIT:
+                raise TemplateError("template_limit", "format: field width over the limit")
+
+
+def _replace_size(text: str, old: str, new: str, count: int = -1) -> int:
+    hits = text.count(old) if old else len(text) + 1
+    if count is not None and count >= 0:
+        hits = min(hits, count)
+    return len(text) + hits * (len(new) - len(old))
+
+
+def _guard_str_call(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Bound str methods that can allocate far more than their inputs."""
+    name = getattr(obj, "__name__", "")
+    text = getattr(obj, "__self__", None)
+    if not isinstance(text, str):
+        return
+    if name in ("center", "ljust", "rjust", "zfill") and args:
+        _width(args[0], f"str.{name}")
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        _width(size, "str.expandtabs")
+        _limit(len(text) + text.count("\t") * int(size), "str.expandtabs")
+    elif name == "replace" and len(args) >= 2:
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        _limit(_replace_size(text, str(args[0]), str(args[1]), count), "str.replace")
+    elif name == "join" and args:
+        items = args[0] if isinstance(args[0], list | tuple) else None
+        if items is not None:
+            _limit(len(text) * len(items) + sum(len(str(i)) for i in items), "str.join")
+
+
+def _guard_filters(filters: dict[str, Any]) -> None:
+    """Filters that can allocate far more than their inputs get a size check first."""
+    center, indent, tojson = filters["center"], filters["indent"], filters["tojson"]
+    join, replace, fmt = filters["join"], filters["replace"], filters["format"]
+
+    def do_center(value: Any, width: int = 80) -> Any:
+        _width(width, "filter center")
+        return center(value, width)
+
+    def do_indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> Any:
+        _width(width if isinstance(width, int) else len(str(width)), "filter indent")
+        lines = str(value).count("\n") + 1
+        _limit(
+            len(str(value)) + lines * (width if isinstance(width, int) else len(str(width))),
+            "indent",
+        )
+        return indent(value, width, *args, **kwargs)
+
+    def do_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> Any:
+        items = list(value)
+        _limit(len(str(d)) * len(items) + sum(len(str(i)) for i in items), "filter join")
+        return join(eval_ctx, items, d, attribute)
+
+    def do_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> Any:
+        _limit(_replace_size(str(s), str(old), str(new), -1 if count is None else count), "replace")
+        return replace(eval_ctx, s, old, new, count)
+
+    def do_format(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_percent_format(str(value))
+        return fmt(value, *args, **kwargs)
+
+    def do_tojson(eval_ctx: Any, value: Any, indent: Any = None) -> Any:
+        _width(indent, "filter tojson indent")
+        if isinstance(indent, int) and indent > 16:
+            raise TemplateError("template_limit", "filter tojson: indent over 16")
+        return tojson(eval_ctx, value, indent)
+
+    plain: dict[str, Callable[..., Any]] = {
+        "center": do_center,
+        "indent": do_indent,
+        "format": do_format,
+    }
+    with_context: dict[str, Callable[..., Any]] = {
+        "join": do_join,
+        "replace": do_replace,
+        "tojson": do_tojson,
+    }
+    for name, fn in plain.items():
+        filters[name] = functools.wraps(filters[name])(fn)
+    for name, fn in with_context.items():
+        filters[name] = jinja2.pass_eval_context(functools.wraps(filters[name])(fn))
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    """Sandbox that also bounds '*' and '**' so a one-liner cannot exhaust memory or CPU."""
+    """The sandbox, plus bounds on the operators and calls that allocate or loop."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
-    def __init__(self, *, max_output: int, autoescape: bool) -> None:
+    def __init__(self, *, autoescape: bool) -> None:
         super().__init__(
             undefined=jinja2.StrictUndefined,
             autoescape=autoescape,
@@ -112,38 +206,50 @@ class _Environment(ImmutableSandboxedEnvironment):
             auto_reload=False,
             cache_size=0,  # we cache compiled templates ourselves
         )
-        self.max_output = max_output
-        self.globals = {"range": self.globals["range"], LOOP_FN: _counted}
-        guards = {
-            "center": ((1,), ("width",)),
-            "indent": ((1,), ("width",)),
-            "wordwrap": ((1,), ("width",)),
-            "truncate": ((1,), ("length",)),
-            "tojson": ((1,), ("indent",)),
-        }
-        for name, (positions, keys) in guards.items():
-            self.filters[name] = _guard_filter(name, self.filters[name], positions, keys)
-        self.filters["format"] = _safe_format
+        self.globals = {"range": self.globals["range"], TICK_FN: _tick, CONCAT_FN: _concat}
+        _guard_filters(self.filters)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
-                if sized and len(seq) * times > self.max_output:
-                    raise TemplateError("template_limit", "repetition larger than the output limit")
+                if isinstance(seq, str | list | tuple) and isinstance(times, int):
+                    _limit(len(seq) * times, "repetition")
         elif operator == "**":
             if isinstance(right, int | float) and abs(right) > 256:
                 raise TemplateError("template_limit", "exponent larger than 256")
             if isinstance(left, int | float) and abs(left) > 2**64 and abs(right) > 1:
                 raise TemplateError("template_limit", "power of a very large number")
+        elif operator == "+":
+            if isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+                _limit(len(left) + len(right), "concatenation")
+        elif operator == "%" and isinstance(left, str):
+            _check_percent_format(left)
         return super().call_binop(context, operator, left, right)
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        _check_brace_format(value.__self__)
+        return wrapped
 
-def _wrap_loops(tree: nodes.Template) -> nodes.Template:
-    """Route every `for` iterable through the budget counter."""
-    for loop in tree.find_all(nodes.For):
-        loop.iter = nodes.Call(nodes.Name(LOOP_FN, "load"), [loop.iter], [], None, None)
-    return tree
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _guard_str_call(__obj, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+class _Limits(NodeTransformer):
+    """Rewrites the template tree: every loop body ticks the budget, `~` is size-checked."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        self.generic_visit(node)
+        tick = nodes.Output([nodes.Call(nodes.Name(TICK_FN, "load"), [], [], None, None)])
+        node.body = [tick, *node.body]
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        parts = [self.visit(part) for part in node.nodes]
+        return nodes.Call(nodes.Name(CONCAT_FN, "load"), parts, [], None, None)
 
 
 class Renderer:
@@ -160,15 +266,12 @@ class Renderer:
         self.max_source = max_source
         self.max_output = max_output
         self.loop_budget = loop_budget
-        self._envs = {
-            False: _Environment(max_output=max_output, autoescape=False),
-            True: _Environment(max_output=max_output, autoescape=True),
-        }
+        self._envs = {False: _Environment(autoescape=False), True: _Environment(autoescape=True)}
         self._compile = functools.lru_cache(maxsize=cache_size)(self._compile_uncached)
 
     def _compile_uncached(self, source: str, html: bool) -> jinja2.Template:
         env = self._envs[html]
-        tree = _wrap_loops(env.parse(source))
+        tree = _Limits().visit(env.parse(source))
         code = env.compile(tree)
         return env.template_class.from_code(env, code, env.make_globals(None), None)
 
@@ -186,11 +289,14 @@ class Renderer:
                 "template_syntax",
                 f"{part} template syntax error at line {exc.lineno}: {exc.message}",
             ) from None
+        except RecursionError:
+            raise TemplateError("template_limit", f"{part} template is nested too deeply") from None
 
     def render_one(self, source: str, context: Mapping[str, Any], *, html: bool, part: str) -> str:
         """Render one source with the loop budget and the output cap."""
         template = self.compile(source, html=html, part=part)
         token = _BUDGET.set(_Budget(self.loop_budget))
+        cap = _MAX_OUTPUT.set(self.max_output)
         chunks: list[str] = []
         size = 0
         try:
@@ -213,6 +319,7 @@ class Renderer:
             raise TemplateError("template_error", f"{part}: {type(exc).__name__}: {exc}") from None
         finally:
             _BUDGET.reset(token)
+            _MAX_OUTPUT.reset(cap)
         return "".join(chunks)
 
     def render(self, parts: TemplateParts, context: Mapping[str, Any]) -> Rendered:

@@ -167,7 +167,9 @@ class Service:
                 templates,
                 Renderer(),
                 RetryPolicy(base=s.retry_base_seconds, cap=s.retry_max_seconds),
-                observe_send=lambda c, p, sec: self.metrics.send_duration.labels(c, p).observe(sec),
+                observe_send=lambda c, p, sec: self.metrics.child(
+                    self.metrics.send_duration, c, p
+                ).observe(sec),
             )
             enabled = {
                 channel: s.concurrency_for(channel)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.abc
 
 from pgnotify_worker.adapters.db import DB_ERRORS, DB_UNAVAILABLE, QueueStore
 from pgnotify_worker.adapters.listener import ListenerState
@@ -114,7 +113,7 @@ class Worker:
         self._force = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._sends: anyio.abc.TaskGroup | None = None
+        self._sends: set[asyncio.Task[None]] = set()  # plain tasks: the hot path, cheapest spawn
         self._last_sweep = 0.0
 
     # --- wake-ups ------------------------------------------------------------------------------
@@ -190,26 +189,24 @@ class Worker:
             loops.start_soon(self._queue_metrics_loop)
             for task in background:
                 loops.start_soon(task)
-            async with anyio.create_task_group() as sends:
-                self._sends = sends
-                async with anyio.create_task_group() as claimers:
-                    for state in self.channels.values():
-                        claimers.start_soon(self._claim_loop, state)
-                    self.health.started = True
-                    self.wake_all()
-                    await self._stop.wait()
-                    self.health.stopping = True
-                    log.info("stopping: no new claims", extra={"action": "stopping"})
-                    for state in self.channels.values():
-                        state.wake.set()
-                await self._grace(sends)
+            async with anyio.create_task_group() as claimers:
+                for state in self.channels.values():
+                    claimers.start_soon(self._claim_loop, state)
+                self.health.started = True
+                self.wake_all()
+                await self._stop.wait()
+                self.health.stopping = True
+                log.info("stopping: no new claims", extra={"action": "stopping"})
+                for state in self.channels.values():
+                    state.wake.set()
+            await self._grace()
             with anyio.move_on_after(self.config.drain_timeout):
                 await self._results.join()
             await self._release_unfinished()
             loops.cancel_scope.cancel()
         log.info("stopped", extra={"action": "stopped"})
 
-    async def _grace(self, sends: anyio.abc.TaskGroup) -> None:
+    async def _grace(self) -> None:
         """Wait for in-flight sends up to the grace period, then cut what remains."""
         with anyio.move_on_after(self.config.grace_period):
             async with anyio.create_task_group() as waiters:
@@ -231,7 +228,9 @@ class Worker:
                 running,
                 extra={"action": "grace_expired", "count": running},
             )
-            sends.cancel_scope.cancel()
+            for task in self._sends:
+                task.cancel()
+        await asyncio.gather(*self._sends, return_exceptions=True)
 
     async def _release_unfinished(self) -> None:
         if not self.held:
@@ -288,20 +287,29 @@ class Worker:
                 return
 
     def _start_send(self, state: ChannelState, n: Notification) -> None:
-        assert self._sends is not None
         self.held[n.id] = n.attempt
         state.in_flight += 1
         self._idle.clear()
-        self.metrics.in_flight.labels(state.name).inc()
-        self._sends.start_soon(self._send, state, n)
+        self.metrics.child(self.metrics.in_flight, state.name).inc()
+        task = asyncio.create_task(self._send(state, n))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _send(self, state: ChannelState, n: Notification) -> None:
         try:
             delivery = await self.dispatcher.deliver(n)
             self._results.put_nowait(delivery)
+        except Exception:  # deliver() classifies failures; reaching here is a bug
+            log.exception(
+                "delivery of notification %s crashed; its lease will expire and it is retried",
+                n.id,
+                extra={"action": "delivery_crash", "notification_id": n.id},
+            )
+            if self.held.get(n.id) == n.attempt:
+                del self.held[n.id]  # stop the heartbeat so the reaper takes it back
         finally:
             state.in_flight -= 1
-            self.metrics.in_flight.labels(state.name).dec()
+            self.metrics.child(self.metrics.in_flight, state.name).dec()
             if state.want_more and (
                 state.in_flight == 0 or state.limit - state.in_flight >= state.refill
             ):
@@ -341,7 +349,9 @@ class Worker:
             if self.held.get(c.id) == c.attempt:
                 del self.held[c.id]
             if c.id not in written:
-                self.metrics.notifications.labels(d.channel, d.provider, "lost_lease").inc()
+                self.metrics.child(
+                    self.metrics.notifications, d.channel, d.provider, "lost_lease"
+                ).inc()
                 log.warning(
                     "outcome of notification %s attempt %s not written: its lease was lost",
                     c.id,
@@ -349,9 +359,9 @@ class Worker:
                     extra={"action": "lost_lease", "notification_id": c.id, "attempt": c.attempt},
                 )
                 continue
-            self.metrics.notifications.labels(d.channel, d.provider, d.outcome).inc()
+            self.metrics.child(self.metrics.notifications, d.channel, d.provider, d.outcome).inc()
             if d.e2e_seconds is not None:
-                self.metrics.end_to_end.labels(d.channel).observe(d.e2e_seconds)
+                self.metrics.child(self.metrics.end_to_end, d.channel).observe(d.e2e_seconds)
             retry_scheduled = retry_scheduled or d.outcome == "retry"
         if retry_scheduled:
             self._schedule_wake.set()

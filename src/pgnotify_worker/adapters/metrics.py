@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -43,6 +45,7 @@ class Metrics:
 
     def __init__(self, worker_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.info = Info("pgnotify_worker", "Version and identity of this worker.", registry=r)
         self.info.info({"version": __version__, "worker_id": worker_id})
@@ -124,6 +127,14 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), cached: the lookup is measurable on the hot path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         """The text exposition format."""

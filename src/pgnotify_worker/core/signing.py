@@ -31,19 +31,33 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+class Signer:
+    """Signs with one or more keys; the keyed HMAC states are built once, copied per message."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self._bases = [hmac.new(key, digestmod=hashlib.sha256) for key in keys]
+
+    def sign(self, msg_id: str, timestamp: int, body: bytes) -> str:
+        """The webhook-signature header: `v1,<base64>` per key, space-separated (rotation)."""
+        prefix = f"{msg_id}.{timestamp}.".encode()
+        signatures = []
+        for base in self._bases:
+            mac = base.copy()
+            mac.update(prefix)
+            mac.update(body)
+            signatures.append("v1," + base64.b64encode(mac.digest()).decode())
+        return " ".join(signatures)
+
+
 def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
-    """The webhook-signature header: one `v1,<base64>` per key, space-separated (key rotation)."""
-    to_sign = f"{msg_id}.{timestamp}.".encode() + body
-    return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, to_sign, hashlib.sha256).digest()).decode()
-        for key in keys
-    )
+    """The webhook-signature header for `keys` (see Signer)."""
+    return Signer(keys).sign(msg_id, timestamp, body)
 
 
 def verify(keys: list[bytes], msg_id: str, timestamp: int, body: bytes, header: str) -> bool:
     """True when any v1 signature in `header` matches any key (constant-time compare)."""
     to_sign = f"{msg_id}.{timestamp}.".encode() + body
-    expected = [hmac.new(key, to_sign, hashlib.sha256).digest() for key in keys]
+    expected = [hmac.digest(key, to_sign, "sha256") for key in keys]
     for part in header.split():
         version, _, value = part.partition(",")
         if version != "v1":

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from pgnotify_worker import __version__
 from pgnotify_worker.core.classify import classify_http
@@ -42,7 +43,7 @@ def make_session(
 
 async def post(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | URL,
     *,
     data: bytes,
     headers: Mapping[str, str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import socket
@@ -18,6 +19,10 @@ from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.core import netguard, signing
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
+
+_COMPACT = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False
+)  # built once: dumps(**kw) is not
 
 
 class TargetBlocked(OSError):
@@ -58,7 +63,7 @@ def envelope(message: RenderedMessage) -> bytes:
         "timestamp": created.isoformat(),
         "data": message.data,
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return _COMPACT.encode(body).encode()
 
 
 class WebhookProvider:
@@ -81,11 +86,14 @@ class WebhookProvider:
                 "(whsec_<base64>) is configured"
             )
         self.keys = [signing.decode_secret(s) for s in secrets.split(",") if s.strip()]
+        self.signer = signing.Signer(self.keys)
         self.allowed = netguard.parse_networks(allowed_networks)
         self.timeout = timeout
         self.concurrency = concurrency
         self.now = now
         self._session: aiohttp.ClientSession | None = None
+        # Parsing and checking a URL costs more than signing it: remember the verdict per URL.
+        self._target = functools.lru_cache(maxsize=4096)(self._check_target)
 
     async def start(self) -> None:
         self._session = http.make_session(
@@ -97,7 +105,7 @@ class WebhookProvider:
             await self._session.close()
             self._session = None
 
-    def _literal_refusal(self, url: URL) -> Outcome | None:
+    def _literal_refusal(self, url: URL) -> Permanent | None:
         host = url.host or ""
         try:
             address = ipaddress.ip_address(host.strip("[]"))
@@ -129,14 +137,14 @@ class WebhookProvider:
             "Content-Type": content_type,
             "webhook-id": message.idempotency_key,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": signing.sign(self.keys, message.idempotency_key, timestamp, body),
+            "webhook-signature": self.signer.sign(message.idempotency_key, timestamp, body),
         }
         return body, headers
 
-    async def send(self, message: RenderedMessage) -> Outcome:
-        assert self._session is not None, "start() first"
+    def _check_target(self, recipient: str) -> URL | Permanent:
+        """The URL to post to, or why it is refused (names are checked again when resolved)."""
         try:
-            url = URL(message.recipient)
+            url = URL(recipient)
         except ValueError:
             return Permanent("bad_url", "webhook recipient is not a URL")
         if url.scheme not in ("http", "https") or not url.host:
@@ -144,12 +152,17 @@ class WebhookProvider:
         if url.user or url.password:
             return Permanent("bad_url", "webhook URL must not carry credentials")
         refusal = self._literal_refusal(url)
-        if refusal is not None:
-            return refusal
+        return refusal if refusal is not None else url
+
+    async def send(self, message: RenderedMessage) -> Outcome:
+        assert self._session is not None, "start() first"
+        url = self._target(message.recipient)
+        if isinstance(url, Permanent):
+            return url
         body, headers = self.build(message, int(time.time()))
         what = f"webhook {url.host}"
         try:
-            answer = await http.post(self._session, str(url), data=body, headers=headers)
+            answer = await http.post(self._session, url, data=body, headers=headers)
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, TargetBlocked):
                 return Permanent(

@@ -248,3 +248,30 @@ def load_settings(**overrides: Any) -> Settings:
             name = f"{ENV_PREFIX}{where.upper()}" if error["loc"] else where
             problems.append(f"{name}: {error['msg']}")
         raise ConfigError("unusable settings:\n  " + "\n  ".join(problems)) from None
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the field descriptions."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default: Any = field.default_factory()  # type: ignore[call-arg]
+        else:
+            default = field.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        elif isinstance(default, dict):
+            default = ",".join(f"{k}={v}" for k, v in default.items())
+        shown = "" if default in (None, "") else f"`{default}`"
+        if name == "worker_id":
+            shown = "host-pid-random"
+        secret = " Secret." if "SecretStr" in str(field.annotation) else ""
+        meaning = (field.description or "").replace("<", "&lt;")
+        lines.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {meaning}{secret} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())  # noqa: T201 - `python -m pgnotify_worker.config` regenerates the table

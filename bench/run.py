@@ -93,6 +93,35 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (from /proc; clock ticks)."""
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def postgres_pids(cluster: TempCluster | None) -> list[int]:
+    """The postmaster and its children (only for our own throwaway cluster)."""
+    if cluster is None:
+        return []
+    try:
+        postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == postmaster:
+                    children.append(int(entry.name))
+    return [postmaster, *children]
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -153,12 +182,18 @@ async def measure_latency(
 
 
 async def measure_drain(
-    conn: asyncpg.Connection, http: aiohttp.ClientSession, sink_port: int, pid: int, plan: Plan
+    conn: asyncpg.Connection,
+    http: aiohttp.ClientSession,
+    sink_port: int,
+    pids: dict[str, list[int]],
+    plan: Plan,
 ) -> dict[str, float]:
-    """Rows per second while the worker drains a backlog inserted in one statement."""
+    """Rows per second while the workers drain a backlog inserted in one statement."""
     await http.post(f"http://127.0.0.1:{sink_port}/reset")
     url = f"http://127.0.0.1:{sink_port}/hook"
+    pid = pids["worker"][0]
     rss_before = rss_mb(pid)
+    cpu_before = {name: cpu_seconds(group) for name, group in pids.items()}
     await conn.execute(
         "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
         "SELECT 'webhook', $1, jsonb_build_object('seq', g) FROM generate_series(1, $2) g",
@@ -178,8 +213,13 @@ async def measure_drain(
         ):
             await asyncio.sleep(0.05)
     finished = time.monotonic()
+    cpu = {name: cpu_seconds(group) - cpu_before[name] for name, group in pids.items()}
     await reset_queue(conn)
     return {
+        "worker_us": 1e6 * cpu["worker"] / plan.drain_rows,
+        "sink_us": 1e6 * cpu["sink"] / plan.drain_rows,
+        "postgres_us": 1e6 * cpu["postgres"] / plan.drain_rows,
+        "worker_cpu_share": cpu["worker"] / (finished - started) / len(pids["worker"]),
         "rows": plan.drain_rows,
         "seconds": finished - started,
         "per_second": plan.drain_rows / (finished - started),
@@ -233,7 +273,9 @@ def run_pgbench(dsn: str, seconds: float, clients: int, workdir: Path) -> float:
     return float(match.group(1))
 
 
-async def bench(plan: Plan, dsn: str | None, concurrency: int) -> tuple[Results, dict[str, str]]:
+async def bench(
+    plan: Plan, dsn: str | None, concurrency: int, workers: int
+) -> tuple[Results, dict[str, str]]:
     results = Results()
     cluster = None
     if dsn is None:
@@ -249,7 +291,7 @@ async def bench(plan: Plan, dsn: str | None, concurrency: int) -> tuple[Results,
     bench_dsn = f"{base}/{name}"
     sink_port, http_port = free_port(), free_port()
     sink = subprocess.Popen([sys.executable, "-m", "bench.sink", str(sink_port)])
-    worker = None
+    started: list[subprocess.Popen[bytes]] = []
     workdir = Path(tempfile.mkdtemp(prefix="pgnotify-bench-"))
     try:
         conn = await asyncpg.connect(bench_dsn)
@@ -267,17 +309,29 @@ async def bench(plan: Plan, dsn: str | None, concurrency: int) -> tuple[Results,
             "PGNOTIFY_LOG_LEVEL": "WARNING",
             "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
         }
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pgnotify_worker", "run"], env=env, stdout=subprocess.DEVNULL
-        )
+        ports = [http_port] + [free_port() for _ in range(workers - 1)]
+        for port in ports:
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "pgnotify_worker", "run"],
+                    env={**env, "PGNOTIFY_HTTP_PORT": str(port)},
+                    stdout=subprocess.DEVNULL,
+                )
+            )
         await wait_http(f"http://127.0.0.1:{sink_port}/stats")
-        await wait_http(f"http://127.0.0.1:{http_port}/readyz")
-        results.rss_idle_mb = rss_mb(worker.pid)
+        for port in ports:
+            await wait_http(f"http://127.0.0.1:{port}/readyz")
+        results.rss_idle_mb = rss_mb(started[0].pid)
+        pids = {
+            "worker": [w.pid for w in started],
+            "sink": [sink.pid],
+            "postgres": postgres_pids(cluster),
+        }
         async with aiohttp.ClientSession() as http:
             for _ in range(plan.latency_runs):
                 results.latency.append(await measure_latency(conn, http, sink_port, plan))
             for _ in range(plan.drain_runs):
-                results.drain.append(await measure_drain(conn, http, sink_port, worker.pid, plan))
+                results.drain.append(await measure_drain(conn, http, sink_port, pids, plan))
         for _ in range(plan.pgbench_runs):
             results.pgbench.append(
                 run_pgbench(bench_dsn, plan.pgbench_seconds, plan.pgbench_clients, workdir)
@@ -285,7 +339,7 @@ async def bench(plan: Plan, dsn: str | None, concurrency: int) -> tuple[Results,
             await conn.execute("TRUNCATE bench_jobs")
         await conn.close()
     finally:
-        for proc in (worker, sink):
+        for proc in (*started, sink):
             if proc is not None:
                 proc.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -303,12 +357,15 @@ async def bench(plan: Plan, dsn: str | None, concurrency: int) -> tuple[Results,
     return results, info
 
 
-def report(results: Results, info: dict[str, str], plan: Plan, concurrency: int) -> str:
+def report(
+    results: Results, info: dict[str, str], plan: Plan, concurrency: int, workers: int
+) -> str:
     med = statistics.median
     lines = ["## pgnotify-worker benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += [
-        f"- worker: one process, webhook concurrency {concurrency}; sink: a separate aiohttp process",
+        f"- worker: {workers} process(es), webhook concurrency {concurrency} each; "
+        "sink: a separate minimal HTTP/1.1 process (bench/sink.py)",
         "",
         f"### End-to-end latency, commit to receiver, {plan.latency_rate:.0f}/s offered "
         f"({plan.latency_runs} runs x {plan.latency_seconds:.0f} s; median of runs)",
@@ -325,12 +382,15 @@ def report(results: Results, info: dict[str, str], plan: Plan, concurrency: int)
         "",
         f"### Draining a {plan.drain_rows:,} row backlog ({plan.drain_runs} runs)",
         "",
-        "| run | notifications/s (to sent in DB) | received/s at sink | RSS before / peak / after MB |",
-        "|---:|---:|---:|---|",
+        "| run | notifications/s (to sent in DB) | received/s at sink | CPU µs per notification: "
+        "worker / sink / postgres | worker busy | RSS before / peak / after MB |",
+        "|---:|---:|---:|---|---:|---|",
     ]
     for i, r in enumerate(results.drain, 1):
         lines.append(
             f"| {i} | {r['per_second']:,.0f} | {r['received_per_second']:,.0f} | "
+            f"{r['worker_us']:.0f} / {r['sink_us']:.0f} / {r['postgres_us']:.0f} | "
+            f"{100 * r['worker_cpu_share']:.0f}% | "
             f"{r['rss_before_mb']:.0f} / {r['rss_peak_mb']:.0f} / {r['rss_after_mb']:.0f} |"
         )
     ours = med(r["per_second"] for r in results.drain)
@@ -361,13 +421,14 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, default=50, help="webhook sends in flight")
     parser.add_argument("--rows", type=int, help="backlog size for the drain runs")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (replicas)")
     parser.add_argument("--save", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     plan = SMOKE if args.smoke else Plan()
     if args.rows:
         plan.drain_rows = args.rows
-    results, info = asyncio.run(bench(plan, args.dsn, args.concurrency))
-    table = report(results, info, plan, args.concurrency)
+    results, info = asyncio.run(bench(plan, args.dsn, args.concurrency, args.workers))
+    table = report(results, info, plan, args.concurrency, args.workers)
     print(table)
     if args.save:
         args.save.write_text(table + "\n")

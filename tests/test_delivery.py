@@ -15,6 +15,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from pgnotify_worker.config import Settings
+from pgnotify_worker.service import Service
 from tests.conftest import WEBHOOK_SECRET, Received, WebhookSink, running, wait_rows
 
 DONE = {"sent", "failed", "dead"}
@@ -619,3 +620,27 @@ async def test_graceful_stop_hands_unfinished_sends_back(
         "SELECT notification_id FROM pgnotify.events WHERE event = 'released'"
     )
     assert sorted(r["notification_id"] for r in released) == ids[:2]
+
+
+async def test_an_unusable_listen_url_degrades_to_polling_and_says_so(
+    conn: asyncpg.Connection, webhook_sink: WebhookSink, worker_settings: Callable[..., Settings]
+) -> None:
+    from tests.support.pgcluster import free_port
+
+    deaf = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"  # e.g. a pooler that drops LISTEN
+    settings = worker_settings(listen_database_url=deaf, poll_interval=0.3, connect_timeout=1.0)
+    service = Service(settings, settings.database_url.get_secret_value(), deaf)  # type: ignore[union-attr]
+    task = asyncio.create_task(service.run(install_signals=False))
+    try:
+        async with asyncio.timeout(15):
+            await service.ready.wait()
+        nid = await enqueue_webhook(conn, webhook_sink.url)
+        rows = await wait_rows(conn, [nid], DONE, service)
+        readyz = await _get(service, "/readyz")
+        body = await readyz.json()
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 15)
+    assert rows[0]["status"] == "sent"  # the poll delivered it
+    assert readyz.status == 503
+    assert any(reason.startswith("listener not connected") for reason in body["reasons"])

@@ -530,6 +530,15 @@ async def test_health_readiness_and_status(
         "enabled": True,
         "disabled_reason": None,
         "providers": ["inapp"],
+        "circuits": {
+            "inapp": {
+                "state": "closed",
+                "failures_in_a_row": 0,
+                "last_failure": None,
+                "probe_in_seconds": 0.0,
+                "rate_per_second": None,
+            }
+        },
         "concurrency": 50,
         "in_flight": 0,
     }

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pgnotify_worker.core import netguard
+from pgnotify_worker.core.ratelimit import parse_rate
 from pgnotify_worker.errors import ConfigError
 from pgnotify_worker.models import CHANNELS
 
@@ -90,13 +91,16 @@ class Settings(BaseSettings):
 
     # --- providers --------------------------------------------------------------------------
     email_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"], description="Email providers in order: console, file."
+        default_factory=lambda: ["console"],
+        description="Email providers in failover order: resend, sendgrid, smtp, console, file.",
     )
     sms_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"], description="SMS providers in order: console, file."
+        default_factory=lambda: ["console"],
+        description="SMS providers in failover order: twilio, console, file.",
     )
     push_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"], description="Push providers in order: console, file."
+        default_factory=lambda: ["console"],
+        description="Push providers in failover order: fcm, console, file.",
     )
     webhook_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["webhook"],
@@ -118,6 +122,78 @@ class Settings(BaseSettings):
     file_sink_path: Path = Field(
         Path(".pgnotify/outbox.jsonl"), description="Where the file dev sink appends JSON lines."
     )
+    simulate: bool = Field(
+        False,
+        description="Route every channel to the console dev sink (on by default in the embedded "
+        "`make run`).",
+    )
+    provider_timeout: float = Field(
+        15.0, gt=0, description="Seconds an email/SMS/push provider request may take."
+    )
+    rate_limits: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-provider requests per second and burst, e.g. resend=5/10,twilio=20. "
+        "Defaults: resend 5/s, sendgrid 100/s, smtp 10/s, twilio 50/s, fcm 500/s, webhook none.",
+    )
+    circuit_failure_threshold: int = Field(
+        5, ge=1, description="Retryable failures in a row that open a provider's circuit."
+    )
+    circuit_open_seconds: float = Field(
+        30.0, gt=0, description="How long an open circuit waits before one probe send."
+    )
+    public_base_url: str | None = Field(
+        None,
+        description="This worker's public URL (https://notify.example.com): Twilio status "
+        "callbacks are requested there and their signatures checked against it.",
+    )
+
+    # --- email ---------------------------------------------------------------------------------
+    email_from: str | None = Field(
+        None, description="Sender of every email: 'Acme <no-reply@acme.com>' (required for email)."
+    )
+    resend_api_key: SecretStr | None = Field(None, description="Resend API key (re_...).")
+    resend_base_url: str = Field("https://api.resend.com", description="Resend API base URL.")
+    resend_webhook_secret: SecretStr | None = Field(
+        None, description="Resend webhook signing secret (whsec_...) for POST /webhooks/resend."
+    )
+    sendgrid_api_key: SecretStr | None = Field(None, description="SendGrid API key (SG....).")
+    sendgrid_base_url: str = Field("https://api.sendgrid.com", description="SendGrid API base URL.")
+    sendgrid_webhook_public_key: str | None = Field(
+        None,
+        description="SendGrid Signed Event Webhook public key (base64), for POST "
+        "/webhooks/sendgrid.",
+    )
+    smtp_host: str | None = Field(None, description="SMTP server host.")
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP server port.")
+    smtp_security: Literal["starttls", "tls", "none"] = Field(
+        "starttls", description="starttls (587), tls (implicit, 465) or none (local relays only)."
+    )
+    smtp_username: str | None = Field(None, description="SMTP user name (none: no AUTH).")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_ca_file: Path | None = Field(
+        None, description="CA bundle to trust for the SMTP server's certificate (default: system)."
+    )
+    smtp_connections: int = Field(4, ge=1, le=100, description="SMTP connections kept open.")
+
+    # --- sms -----------------------------------------------------------------------------------
+    twilio_account_sid: str | None = Field(None, description="Twilio Account SID (AC...).")
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio Auth Token (also checks status-callback signatures)."
+    )
+    twilio_from: str | None = Field(None, description="Sender number (E.164) or alphanumeric id.")
+    twilio_messaging_service_sid: str | None = Field(
+        None, description="Messaging Service SID (MG...); used instead of twilio_from when set."
+    )
+    twilio_base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
+    sms_default_region: str = Field(
+        "US", min_length=2, max_length=2, description="Region for numbers without +country code."
+    )
+
+    # --- push ----------------------------------------------------------------------------------
+    fcm_service_account: SecretStr | None = Field(
+        None, description="FCM service-account key: the JSON itself, or the path of the JSON file."
+    )
+    fcm_base_url: str = Field("https://fcm.googleapis.com", description="FCM API base URL.")
 
     # --- HTTP, logs, embedded ----------------------------------------------------------------
     http_host: str = Field(
@@ -163,6 +239,20 @@ class Settings(BaseSettings):
                 f"unknown channel(s) {', '.join(unknown)}; known: {', '.join(CHANNELS)}"
             )
         return value
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _parse_rates(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in _split(value):
+            name, sep, spec = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not provider=rate[/burst]")
+            parse_rate(spec)  # raises ValueError naming the bad spec
+            pairs[name.strip()] = spec.strip()
+        return pairs
 
     @field_validator("channel_concurrency", mode="before")
     @classmethod
@@ -218,14 +308,26 @@ class Settings(BaseSettings):
         return self.channel_concurrency.get(channel, self.concurrency)
 
     def providers_for(self, channel: str) -> list[str]:
-        """Provider names of one channel, in failover order."""
+        """Provider names of one channel, in failover order (console for all when simulating)."""
+        if self.simulate:
+            return ["console"]
         providers: list[str] = getattr(self, f"{channel}_providers")
         return providers
 
     def secret_values(self) -> list[str]:
         """Every secret, so log scrubbing can remove it wherever it shows up."""
         values = []
-        for field in (self.database_url, self.listen_database_url, self.webhook_secret):
+        for field in (
+            self.database_url,
+            self.listen_database_url,
+            self.webhook_secret,
+            self.resend_api_key,
+            self.resend_webhook_secret,
+            self.sendgrid_api_key,
+            self.smtp_password,
+            self.twilio_auth_token,
+            self.fcm_service_account,
+        ):
             if field is not None:
                 raw = field.get_secret_value()
                 values.append(raw)
@@ -273,5 +375,21 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def write_readme_table(readme: Path) -> None:
+    """Replace the table between the README's settings markers with the generated one."""
+    text = readme.read_text()
+    head, rest = text.split("<!-- settings:start", 1)
+    marker, rest = rest.split("-->", 1)
+    _, tail = rest.split("<!-- settings:end -->", 1)
+    readme.write_text(
+        f"{head}<!-- settings:start{marker}-->\n{settings_table()}\n<!-- settings:end -->{tail}"
+    )
+
+
 if __name__ == "__main__":
-    print(settings_table())  # noqa: T201 - `python -m pgnotify_worker.config` regenerates the table
+    import sys
+
+    if sys.argv[1:2] == ["--readme"]:
+        write_readme_table(Path(sys.argv[2]))
+    else:
+        print(settings_table())  # noqa: T201 - the table, for docs

@@ -1,15 +1,18 @@
-"""One delivery through the ports: template -> render -> provider -> classify -> resolution."""
+"""One delivery through the ports: template -> render -> providers (rate limit, circuit, failover)
+-> classify -> resolution."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from pgnotify_worker.adapters.db import DB_ERRORS, Completion, QueueStore, TemplateRow
-from pgnotify_worker.adapters.providers.registry import ChannelProviders
+from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
+from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.state import Resolution, Status, resolve
@@ -22,6 +25,7 @@ from pgnotify_worker.models import (
     RenderedMessage,
     Retryable,
     Sent,
+    Skipped,
 )
 from pgnotify_worker.ports import Provider
 
@@ -84,7 +88,7 @@ class Delivery:
 
     completion: Completion
     channel: str
-    outcome: str  # sent, retry, failed, dead
+    outcome: str  # sent, retry, failed, dead, skipped
     provider: str
     e2e_seconds: float | None  # insert -> accepted, on the database clock plus the send time
 
@@ -99,15 +103,41 @@ class Dispatcher:
         renderer: Renderer,
         policy: RetryPolicy,
         *,
+        store: QueueStore | None = None,
         observe_send: Callable[[str, str, float], None] = lambda _c, _p, _s: None,
+        on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
+        on_failover: Callable[[str, str], None] = lambda _c, _p: None,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channels = channels
         self.templates = templates
         self.renderer = renderer
         self.policy = policy
+        self.store = store
         self.observe_send = observe_send
+        self.on_circuit = on_circuit
+        self.on_failover = on_failover
         self.rand = rand
+        self.clock = clock
+
+    # --- circuits: what the claim loop may take -------------------------------------------------
+
+    def capacity(self, channel: str, free: int) -> int:
+        """Rows to claim: every free slot while a provider's circuit is closed, one probe while
+        the best is half-open, none while all are open (nothing is burned on a dead service)."""
+        slots = self.channels[channel].slots
+        if any(slot.breaker.state is CircuitState.CLOSED for slot in slots):
+            return free
+        now = self.clock()
+        return min(free, 1) if any(slot.breaker.allows(now) for slot in slots) else 0
+
+    def blocked_for(self, channel: str) -> float:
+        """Seconds until some provider of the channel may be tried again."""
+        now = self.clock()
+        return min((slot.breaker.opens_in(now) for slot in self.channels[channel].slots), default=0)
+
+    # --- rendering ------------------------------------------------------------------------------
 
     async def render(self, n: Notification) -> tuple[RenderedMessage, int | None]:
         """Apply the stored template (newest version, best locale) and inline overrides."""
@@ -129,6 +159,7 @@ class Dispatcher:
                 version=row.version,
             )
         rendered = self.renderer.render(parts, build_context(n.payload))
+        unsubscribe = n.payload.get("unsubscribe_url")
         message = RenderedMessage(
             notification_id=n.id,
             idempotency_key=n.idempotency_key,
@@ -144,25 +175,139 @@ class Dispatcher:
             template_version=version,
             attempt=n.attempt,
             created_at=n.created_at,
+            unsubscribe_url=unsubscribe if isinstance(unsubscribe, str) else None,
         )
         return message, version
 
-    async def _send(
-        self, providers: Sequence[Provider], message: RenderedMessage
-    ) -> tuple[Outcome, str]:
-        provider = providers[0]
-        name = provider.name
+    # --- sending --------------------------------------------------------------------------------
+
+    async def _call(self, provider: Provider, message: RenderedMessage) -> Outcome:
         try:
-            outcome = await provider.send(message)
+            return await provider.send(message)
         except Exception:  # a provider bug must not kill the worker; the attempt is retried
             log.exception(
                 "provider %s raised while sending notification %s",
-                name,
+                provider.name,
                 message.notification_id,
                 extra={"action": "provider_crash", "notification_id": message.notification_id},
             )
-            outcome = Retryable("provider_crash", f"provider {name} raised an unexpected error")
-        return outcome, name
+            return Retryable(
+                "provider_crash", f"provider {provider.name} raised an unexpected error"
+            )
+
+    def _record(self, slot: ProviderSlot, outcome: Outcome) -> None:
+        """Feed the provider's circuit: an answer closes it, a run of failures opens it."""
+        breaker = slot.breaker
+        before = breaker.state
+        if isinstance(outcome, Retryable) and not outcome.throttled:
+            if breaker.failure(self.clock(), outcome.message, trip=outcome.trip):
+                log.warning(
+                    "provider %s paused for %.0fs: %s",
+                    slot.name,
+                    breaker.open_seconds,
+                    outcome.message,
+                    extra={"action": "circuit_open", "provider": slot.name},
+                )
+        else:
+            breaker.success()
+            if before is not CircuitState.CLOSED:
+                log.info(
+                    "provider %s answers again",
+                    slot.name,
+                    extra={"action": "circuit_closed", "provider": slot.name},
+                )
+        if breaker.state is not before:
+            self.on_circuit(slot.name, breaker)
+
+    async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
+        """Try the channel's providers in order: a retryable failure or an open circuit moves on
+        to the next; the first answer that is not retryable (or the last failure) wins."""
+        last: tuple[Outcome, str] | None = None
+        for slot in self.channels[channel].slots:
+            if not slot.breaker.acquire(self.clock()):
+                continue
+            outcome: Outcome | None = None
+            try:
+                if slot.bucket is not None:
+                    wait = slot.bucket.reserve(self.clock())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                outcome = await self._call(slot.provider, message)
+            finally:
+                if outcome is None:  # cancelled before an answer: free the half-open probe
+                    slot.breaker.release()
+            self._record(slot, outcome)
+            if last is not None:
+                self.on_failover(channel, slot.name)
+            if not isinstance(outcome, Retryable):
+                return outcome, slot.name
+            last = (outcome, slot.name)
+        if last is not None:
+            return last
+        slots = self.channels[channel].slots
+        reasons = "; ".join(f"{slot.name}: {slot.breaker.reason}" for slot in slots)
+        return (
+            Retryable(
+                "circuit_open",
+                f"every {channel} provider is paused ({reasons})",
+                self.blocked_for(channel) or None,
+            ),
+            "none",
+        )
+
+    async def _fan_out(self, n: Notification, message: RenderedMessage) -> tuple[Outcome, str]:
+        """A push to a user goes to each active device; it is sent when one device accepted it."""
+        assert self.store is not None
+        devices = await self.store.devices_of(message.recipient.removeprefix("user:"))
+        if not devices:
+            return Skipped("no_devices", "the user has no active push device"), "none"
+        outcomes = await asyncio.gather(
+            *(self.send_chain("push", replace(message, recipient=token)) for _, _, token in devices)
+        )
+        for (device_id, platform, token), (outcome, provider) in zip(
+            devices, outcomes, strict=True
+        ):
+            await self._after_send(n, "push", token, outcome, provider)
+            await self.store.note(
+                n.id,
+                f"device_{type(outcome).__name__.lower()}",
+                n.attempt,
+                provider=provider,
+                error_code=getattr(outcome, "code", None),
+                error=getattr(outcome, "message", None),
+                detail={"device_id": device_id, "platform": platform},
+            )
+        sent = [(outcome, provider) for outcome, provider in outcomes if isinstance(outcome, Sent)]
+        if sent:
+            ids = ",".join(outcome.provider_message_id or "" for outcome, _ in sent)[:500]
+            return Sent(ids), sent[0][1]
+        retry = [pair for pair in outcomes if isinstance(pair[0], Retryable)]
+        if retry:
+            return retry[0]
+        return Permanent("no_device_accepted", f"all {len(devices)} device(s) refused"), outcomes[
+            0
+        ][1]
+
+    async def _after_send(
+        self, n: Notification, channel: str, address: str, outcome: Outcome, provider: str
+    ) -> None:
+        """Dead addresses are remembered: suppressed (STOP, hard bounce) or deactivated (push)."""
+        if not isinstance(outcome, Permanent) or self.store is None:
+            return
+        try:
+            if outcome.deactivate:
+                await self.store.deactivate_device(address, outcome.code)
+            if outcome.suppress and channel != "push":
+                normalized = address.lower() if channel == "email" else address
+                detail = {"notification_id": n.id, "code": outcome.code}
+                await self.store.suppress(channel, normalized, outcome.suppress, provider, detail)
+        except DB_ERRORS as exc:
+            log.warning(
+                "could not record that %s is dead: %s",
+                mask_recipient(channel, address),
+                type(exc).__name__,
+                extra={"action": "suppress_failed", "notification_id": n.id},
+            )
 
     async def deliver(self, n: Notification) -> Delivery:
         """Render, send, classify; the result is ready for the batched write-back."""
@@ -177,7 +322,14 @@ class Dispatcher:
         except DB_ERRORS:
             outcome = Retryable("database", "template lookup failed: database unavailable")
         else:
-            outcome, provider_name = await self._send(self.channels[n.channel].providers, message)
+            if n.channel == "push" and n.recipient.startswith("user:") and self.store is not None:
+                try:
+                    outcome, provider_name = await self._fan_out(n, message)
+                except DB_ERRORS:
+                    outcome = Retryable("database", "device lookup failed: database unavailable")
+            else:
+                outcome, provider_name = await self.send_chain(n.channel, message)
+                await self._after_send(n, n.channel, n.recipient, outcome, provider_name)
         elapsed = time.perf_counter() - started
         self.observe_send(n.channel, provider_name, elapsed)
         resolution = resolve(outcome, n.attempt, n.max_attempts, self.policy, self.rand())

@@ -56,6 +56,7 @@ class RenderedMessage:
     template_version: int | None = None
     attempt: int = 1
     created_at: dt.datetime | None = None
+    unsubscribe_url: str | None = None
 
 
 # --- outcomes: every provider call ends as exactly one of these -------------------------------
@@ -70,22 +71,41 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class Retryable:
-    """A transient failure; try again later (not before `retry_after` seconds if given)."""
+    """A transient failure; try again later (not before `retry_after` seconds if given).
+
+    `throttled`: the provider is up but asked us to slow down (429): no strike on its circuit.
+    `trip`: the provider cannot work for anyone right now (bad credentials, quota spent):
+    open its circuit at once so rows wait instead of failing one by one."""
 
     code: str
     message: str
     retry_after: float | None = None
+    throttled: bool = False
+    trip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Permanent:
-    """Retrying cannot help: bad recipient, rejected content, refused target."""
+    """Retrying cannot help: bad recipient, rejected content, refused target.
+
+    `suppress`: the address must not be sent to again (STOP, hard bounce): the reason.
+    `deactivate`: the device token is dead (push): mark the device inactive."""
+
+    code: str
+    message: str
+    suppress: str | None = None
+    deactivate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Deliberately not sent (no device to send to, an opt-out, a suppressed address)."""
 
     code: str
     message: str
 
 
-Outcome = Sent | Retryable | Permanent
+Outcome = Sent | Retryable | Permanent | Skipped
 
 
 # --- wake-ups: the payloads of NOTIFY pgnotify ------------------------------------------------

@@ -19,6 +19,7 @@ from pgnotify_worker.adapters.listener import Listener, ListenerState
 from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
 from pgnotify_worker.config import Settings
+from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
@@ -26,6 +27,7 @@ from pgnotify_worker.errors import ConfigError
 from pgnotify_worker.worker import Health, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
+CIRCUIT_GAUGE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 
 class Service:
@@ -154,22 +156,27 @@ class Service:
 
             self.providers = build_providers(s, store)
             for entry in self.providers.values():
-                for provider in entry.providers:
-                    await provider.start()
-                    stack.push_async_callback(provider.close)
+                for slot in entry.slots:
+                    await slot.provider.start()
+                    stack.push_async_callback(slot.provider.close)
+                    self.metrics.circuit_state.labels(slot.name).set(0)
                 self.metrics.channel_enabled.labels(entry.channel).set(
                     0 if entry.disabled_reason else 1
                 )
 
             templates = TemplateStore(store)
+            metrics = self.metrics
             dispatcher = Dispatcher(
                 self.providers,
                 templates,
                 Renderer(),
                 RetryPolicy(base=s.retry_base_seconds, cap=s.retry_max_seconds),
-                observe_send=lambda c, p, sec: self.metrics.child(
-                    self.metrics.send_duration, c, p
-                ).observe(sec),
+                store=store,
+                observe_send=lambda c, p, sec: metrics.child(metrics.send_duration, c, p).observe(
+                    sec
+                ),
+                on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
+                on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
             )
             enabled = {
                 channel: s.concurrency_for(channel)
@@ -251,7 +258,17 @@ class Service:
             channels[name] = {
                 "enabled": entry.disabled_reason is None,
                 "disabled_reason": entry.disabled_reason,
-                "providers": [p.name for p in entry.providers],
+                "providers": [slot.name for slot in entry.slots],
+                "circuits": {
+                    slot.name: {
+                        "state": slot.breaker.state.value,
+                        "failures_in_a_row": slot.breaker.failures,
+                        "last_failure": slot.breaker.reason,
+                        "probe_in_seconds": round(slot.breaker.opens_in(time.monotonic()), 1),
+                        "rate_per_second": slot.bucket.rate if slot.bucket else None,
+                    }
+                    for slot in entry.slots
+                },
                 "concurrency": state.limit if state else 0,
                 "in_flight": state.in_flight if state else 0,
             }

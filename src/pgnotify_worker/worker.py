@@ -266,8 +266,16 @@ class Worker:
                 if state.in_flight > 0 and free < state.refill:
                     state.want_more = True  # a finishing send wakes us when enough slots free up
                     break
+                take = self.dispatcher.capacity(state.name, free)
+                if take == 0:
+                    if state.in_flight == 0:
+                        # every provider is paused: rows stay queued until a probe may go
+                        self._wake_later(state, self.dispatcher.blocked_for(state.name))
+                    else:
+                        state.want_more = True
+                    break
                 try:
-                    rows = await self.store.claim(state.name, free, self.config.lease_seconds)
+                    rows = await self.store.claim(state.name, take, self.config.lease_seconds)
                 except Exception as exc:  # a loop outlives any failure
                     self._db_failed("claim", exc)
                     await self._sleep(backoff * (0.5 + random.random()))
@@ -281,10 +289,15 @@ class Worker:
                     self.metrics.claimed.labels(state.name).inc(len(rows))
                 for n in rows:
                     self._start_send(state, n)
-                if len(rows) < free:
-                    break  # nothing more is ready
+                if len(rows) < take or take < free:
+                    break  # nothing more is ready, or the circuit allows no more
             if self._stop.is_set():
                 return
+
+    def _wake_later(self, state: ChannelState, seconds: float) -> None:
+        """Set the channel's wake flag after `seconds` (a paused provider's probe time)."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(seconds, 0.01), state.wake.set)
 
     def _start_send(self, state: ChannelState, n: Notification) -> None:
         self.held[n.id] = n.attempt

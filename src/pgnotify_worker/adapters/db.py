@@ -196,6 +196,75 @@ class QueueStore:
         )
         return value
 
+    async def devices_of(self, user_id: str) -> list[tuple[int, str, str]]:
+        """(id, platform, token) of a user's active devices."""
+        rows = await self.pool.fetch(queries.DEVICES_OF, user_id)
+        return [(r["id"], r["platform"], r["token"]) for r in rows]
+
+    async def deactivate_device(self, token: str, reason: str) -> bool:
+        """Mark a push token dead; True if it was active."""
+        status: str = await self.pool.execute(queries.DEACTIVATE_DEVICE, token, reason)
+        return status.endswith(" 1")
+
+    async def suppress(
+        self, channel: str, address: str, reason: str, source: str, detail: dict[str, Any] | None
+    ) -> None:
+        """Add an address to the suppression list (once)."""
+        await self.pool.execute(queries.SUPPRESS, channel, address, reason, source, detail)
+
+    async def note(
+        self,
+        notification_id: int,
+        event: str,
+        attempt: int,
+        *,
+        provider: str | None = None,
+        error_code: str | None = None,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """An extra event row (per-device push outcomes and the like)."""
+        await self.pool.execute(
+            queries.NOTE,
+            notification_id,
+            event,
+            attempt,
+            self.worker_id,
+            provider,
+            error_code,
+            error,
+            detail,
+        )
+
+    async def provider_event(
+        self,
+        provider: str,
+        *,
+        event: str,
+        external_id: str,
+        notification_id: int | None = None,
+        provider_message_id: str | None = None,
+        error_code: str | None = None,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> tuple[int, str, str, bool] | None:
+        """Record an inbound report: (notification id, channel, recipient, newly stored) or None
+        when no notification matches."""
+        row = await self.pool.fetchrow(
+            queries.PROVIDER_EVENT,
+            provider,
+            notification_id,
+            provider_message_id,
+            event,
+            error_code,
+            error,
+            detail,
+            external_id,
+        )
+        if row is None:
+            return None
+        return row["id"], row["channel"], row["recipient"], row["stored"] > 0
+
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

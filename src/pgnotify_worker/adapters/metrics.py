@@ -121,6 +121,18 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("pgnotify_ready", "1 when the worker reports ready.", registry=r)
+        self.circuit_state = Gauge(
+            "pgnotify_provider_circuit_state",
+            "Circuit of each provider: 0 closed (sending), 1 half-open (probing), 2 open (paused).",
+            ["provider"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "pgnotify_provider_failovers",
+            "Sends that moved on to a later provider of the channel, by that provider.",
+            ["channel", "provider"],
+            registry=r,
+        )
         self.channel_enabled = Gauge(
             "pgnotify_channel_enabled",
             "1 when this worker delivers the channel (0: no usable provider).",

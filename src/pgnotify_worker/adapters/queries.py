@@ -206,6 +206,52 @@ SELECT channel, provider, error_code, error, occurrences, last_seen
 FROM pgnotify.error_summary LIMIT $1
 """
 
+# devices_of: the active push devices of user $1.
+DEVICES_OF = """
+SELECT id, platform, token FROM pgnotify.devices WHERE user_id = $1 AND active ORDER BY id
+"""
+
+# deactivate_device: a push service said token $1 is dead; stop using it.
+DEACTIVATE_DEVICE = """
+UPDATE pgnotify.devices SET active = false, deactivated_at = now(), deactivation_reason = $2
+WHERE token = $1 AND active
+"""
+
+# suppress: never send to address $2 on channel $1 again (reason $3, source $4, detail $5).
+SUPPRESS = """
+INSERT INTO pgnotify.suppressions (channel, address, reason, source, detail)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (channel, address) DO NOTHING
+"""
+
+# note: an extra event on notification $1 (per-device push outcomes and the like).
+NOTE = """
+INSERT INTO pgnotify.events (notification_id, event, attempt, worker, provider, error_code, error,
+                             detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+"""
+
+# provider_event: an inbound delivery report (delivered, bounced...) becomes an event of the
+# notification it is about, found by our id $2 or the provider's message id $3; a report seen
+# before (same provider $1 and external id $8) is not stored twice. Returns channel, recipient.
+PROVIDER_EVENT = """
+WITH target AS (
+    (SELECT id, channel, recipient, attempts FROM pgnotify.notifications WHERE id = $2)
+    UNION ALL
+    (SELECT id, channel, recipient, attempts FROM pgnotify.notifications
+     WHERE $2::bigint IS NULL AND provider_message_id = $3 ORDER BY id DESC LIMIT 1)
+    LIMIT 1
+), stored AS (
+    INSERT INTO pgnotify.events (notification_id, event, attempt, provider, error_code, error,
+                                 detail, external_id)
+    SELECT id, $4, attempts, $1, $5, $6, $7, $8 FROM target
+    ON CONFLICT (provider, external_id) WHERE external_id IS NOT NULL DO NOTHING
+    RETURNING notification_id
+)
+SELECT target.id, target.channel, target.recipient, (SELECT count(*) FROM stored) AS stored
+FROM target
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from pgnotify_worker.core.retry import RetryPolicy
-from pgnotify_worker.models import Outcome, Permanent, Retryable, Sent
+from pgnotify_worker.models import Outcome, Permanent, Retryable, Sent, Skipped
 
 
 class Status(enum.StrEnum):
@@ -87,6 +87,8 @@ def resolve(
             return Resolution(Status.SENT, Event.SENT, provider_message_id=pmid)
         case Permanent(code=code, message=message):
             return Resolution(Status.FAILED, Event.FAILED, error_code=code, error=message)
+        case Skipped(code=code, message=message):
+            return Resolution(Status.SKIPPED, Event.SKIPPED, error_code=code, error=message)
         case Retryable(code=code, message=message, retry_after=retry_after):
             if attempt >= max_attempts:
                 return Resolution(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -52,6 +54,35 @@ async def post(
     async with session.post(url, data=data, headers=headers, allow_redirects=False) as response:
         body = await response.content.read(MAX_RESPONSE_BYTES)
         return HttpAnswer(response.status, response.headers, body)
+
+
+async def request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    *,
+    data: bytes | dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    auth: aiohttp.BasicAuth | None = None,
+) -> HttpAnswer:
+    """Any request, no redirects followed; at most MAX_RESPONSE_BYTES of the answer are read."""
+    async with session.request(
+        method, url, data=data, headers=headers, auth=auth, allow_redirects=False
+    ) as response:
+        body = await response.content.read(MAX_RESPONSE_BYTES)
+        return HttpAnswer(response.status, response.headers, body)
+
+
+def json_body(answer: HttpAnswer) -> dict[str, Any]:
+    """The answer as a JSON object, or {} when it is not one (gateways send HTML)."""
+    try:
+        value = json.loads(answer.body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 def transport_outcome(exc: BaseException, what: str) -> Outcome:

@@ -1,0 +1,113 @@
+"""Push through FCM HTTP v1: projects/{id}/messages:send with a service-account OAuth token."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenError, TokenSource
+from pgnotify_worker.core.classify import classify_fcm
+from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.models import Outcome, RenderedMessage, Retryable, Sent
+
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+RESERVED_DATA_KEYS = ("from", "message_type", "notification")
+RESERVED_DATA_PREFIXES = ("google.", "gcm.")
+
+
+def fcm_data(payload: dict[str, Any]) -> dict[str, str]:
+    """FCM data must be string -> string, without reserved keys."""
+    data = {}
+    for key, value in payload.items():
+        if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
+            continue
+        data[key] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return data
+
+
+def fcm_error(body: dict[str, Any]) -> tuple[str | None, str]:
+    """(FcmError errorCode or the status, message) from a google.rpc.Status body."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    assert isinstance(error, dict)
+    code = None
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
+            code = detail.get("errorCode")
+    if code is None and isinstance(error.get("status"), str):
+        code = error["status"] if error["status"] == "INVALID_ARGUMENT" else None
+    return code, str(error.get("message", ""))[:300]
+
+
+class FcmProvider:
+    """https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages/send"""
+
+    name = "fcm"
+
+    def __init__(
+        self,
+        service_account: str | None,
+        *,
+        base_url: str = "https://fcm.googleapis.com",
+        timeout: float = 15.0,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        if not service_account:
+            raise ProviderConfigError("fcm: PGNOTIFY_FCM_SERVICE_ACCOUNT is not set")
+        account = ServiceAccount.load(service_account)
+        self.tokens = TokenSource(account)
+        self.url = f"{base_url.rstrip('/')}/v1/projects/{account.project_id}/messages:send"
+        self.timeout = timeout
+        self.now = now
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = http.make_session(self.timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def body(self, message: RenderedMessage) -> dict[str, Any]:
+        """{"message": {...}} for one device token."""
+        body: dict[str, Any] = {"token": message.recipient}
+        notification = {
+            key: value
+            for key, value in (("title", message.subject), ("body", message.text))
+            if value
+        }
+        if notification:
+            body["notification"] = notification
+        data = fcm_data(message.data)
+        if data:
+            body["data"] = data
+        return {"message": body}
+
+    async def _post(self, data: bytes, token: str) -> http.HttpAnswer:
+        assert self._session is not None, "start() first"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        return await http.request(self._session, "POST", self.url, data=data, headers=headers)
+
+    async def send(self, message: RenderedMessage) -> Outcome:
+        assert self._session is not None, "start() first"
+        data = json.dumps(self.body(message)).encode()
+        try:
+            token = await self.tokens.get(self._session)
+            answer = await self._post(data, token)
+            if answer.status == 401 and fcm_error(http.json_body(answer))[0] is None:
+                # an expired or revoked access token: renew once, then try again
+                token = await self.tokens.get(self._session, stale=token)
+                answer = await self._post(data, token)
+        except TokenError as exc:
+            return Retryable("fcm_token", f"fcm: {exc}", None, trip=exc.refused)
+        except http.TRANSPORT_ERRORS as exc:
+            return http.transport_outcome(exc, "fcm")
+        found = http.json_body(answer)
+        if answer.status == 200 and isinstance(found.get("name"), str):
+            return Sent(found["name"])
+        code, text = fcm_error(found)
+        return classify_fcm(answer.status, code, text, answer.headers, self.now())

@@ -1,0 +1,111 @@
+"""Email through SendGrid v3 mail/send: 202 accepted, the message id in X-Message-Id."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.adapters.providers.email_common import (
+    missing_content,
+    parse_sender,
+    unsubscribe_headers,
+)
+from pgnotify_worker.core.classify import classify_sendgrid
+from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.models import Outcome, RenderedMessage
+
+
+class SendGridProvider:
+    """https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send
+
+    SendGrid has no idempotency key: a retry after a timeout may deliver twice. The
+    notification id rides along in custom_args, so its Event Webhook reports map back to us."""
+
+    name = "sendgrid"
+
+    def __init__(
+        self,
+        api_key: str | None,
+        sender: str | None,
+        *,
+        base_url: str = "https://api.sendgrid.com",
+        timeout: float = 15.0,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        if not api_key:
+            raise ProviderConfigError("sendgrid: PGNOTIFY_SENDGRID_API_KEY is not set")
+        name, address = parse_sender(sender, "sendgrid")
+        self.sender: dict[str, str] = {"email": address, **({"name": name} if name else {})}
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self.url = base_url.rstrip("/") + "/v3/mail/send"
+        self.timeout = timeout
+        self.now = now
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = http.make_session(self.timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def body(self, message: RenderedMessage) -> dict[str, Any]:
+        """The JSON of POST /v3/mail/send; text/plain must come before text/html."""
+        content = []
+        if message.text:
+            content.append({"type": "text/plain", "value": message.text})
+        if message.html:
+            content.append({"type": "text/html", "value": message.html})
+        body: dict[str, Any] = {
+            "personalizations": [
+                {
+                    "to": [{"email": message.recipient}],
+                    "custom_args": {
+                        "notification_id": str(message.notification_id),
+                        "idempotency_key": message.idempotency_key,
+                    },
+                }
+            ],
+            "from": self.sender,
+            "subject": message.subject,
+            "content": content,
+        }
+        headers = unsubscribe_headers(message)
+        if headers:
+            body["headers"] = headers
+        if message.category and message.category.isascii() and len(message.category) <= 255:
+            body["categories"] = [message.category]
+        return body
+
+    async def send(self, message: RenderedMessage) -> Outcome:
+        assert self._session is not None, "start() first"
+        problem = missing_content(message)
+        if problem:
+            return problem
+        data = json.dumps(self.body(message)).encode()
+        try:
+            answer = await http.request(
+                self._session, "POST", self.url, data=data, headers=self._headers
+            )
+        except http.TRANSPORT_ERRORS as exc:
+            return http.transport_outcome(exc, "sendgrid")
+        errors = http.json_body(answer).get("errors")
+        first = (
+            errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+        )
+        return classify_sendgrid(
+            answer.status,
+            str(first.get("message", ""))[:300],
+            answer.headers,
+            self.now(),
+            answer.headers.get("X-Message-Id"),
+        )

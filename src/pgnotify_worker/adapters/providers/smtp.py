@@ -1,0 +1,155 @@
+"""Email over SMTP (aiosmtplib): plain, STARTTLS or implicit TLS, a few connections kept open."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Literal
+
+import aiosmtplib
+
+from pgnotify_worker.adapters.providers.email_common import (
+    format_sender,
+    missing_content,
+    parse_sender,
+    unsubscribe_headers,
+)
+from pgnotify_worker.core.classify import classify_smtp
+from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+
+Security = Literal["starttls", "tls", "none"]
+
+
+class SmtpProvider:
+    """A small pool of SMTP connections; each message is one transaction on one of them.
+
+    A 4xx reply is retried, a 5xx reply fails the notification (a 5.1.x "no such mailbox" also
+    suppresses the address), 530/535 (credentials) pause the provider via its circuit."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        host: str | None,
+        sender: str | None,
+        *,
+        port: int = 587,
+        security: Security = "starttls",
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        timeout: float = 15.0,
+        connections: int = 4,
+    ) -> None:
+        if not host:
+            raise ProviderConfigError("smtp: PGNOTIFY_SMTP_HOST is not set")
+        name, address = parse_sender(sender, "smtp")
+        self.sender = format_sender(name, address)
+        self.envelope_from = address
+        self.domain = address.rpartition("@")[2]
+        self.host = host
+        self.port = port
+        self.security = security
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+        self.tls_context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(connections)
+
+    async def start(self) -> None:
+        return None  # connections open on first use
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            client = self._idle.get_nowait()
+            await _quit(client)
+
+    def build(self, message: RenderedMessage) -> EmailMessage:
+        """A multipart/alternative email with a Message-ID stable across retries."""
+        email = EmailMessage()
+        email["From"] = self.sender
+        email["To"] = message.recipient
+        email["Subject"] = message.subject or ""
+        email["Date"] = format_datetime(message.created_at) if message.created_at else None
+        email["Message-ID"] = f"<{message.idempotency_key}@{self.domain}>"
+        for header, value in unsubscribe_headers(message).items():
+            email[header] = value
+        if message.text:
+            email.set_content(message.text)
+            if message.html:
+                email.add_alternative(message.html, subtype="html")
+        else:
+            email.set_content(message.html or "", subtype="html")
+        if email["Date"] is None:
+            del email["Date"]
+        return email
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            use_tls=self.security == "tls",
+            start_tls=self.security == "starttls",
+            tls_context=self.tls_context if self.security != "none" else None,
+            username=self.username,
+            password=self.password,
+        )
+        await client.connect()
+        return client
+
+    async def send(self, message: RenderedMessage) -> Outcome:
+        problem = missing_content(message)
+        if problem:
+            return problem
+        try:
+            email = self.build(message)
+        except ValueError as exc:  # a header the email package refuses (line breaks, ...)
+            return Permanent("bad_header", f"smtp: {exc}")
+        async with self._slots:
+            reused = not self._idle.empty()
+            client = self._idle.get_nowait() if reused else None
+            try:
+                if client is None:
+                    client = await self._connect()
+                try:
+                    await client.send_message(
+                        email, sender=self.envelope_from, recipients=[message.recipient]
+                    )
+                except aiosmtplib.SMTPServerDisconnected:
+                    if not reused:
+                        raise
+                    # the server closed an idle connection: nothing was accepted, try once anew
+                    await _quit(client)
+                    client = await self._connect()
+                    await client.send_message(
+                        email, sender=self.envelope_from, recipients=[message.recipient]
+                    )
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                if client is not None:
+                    self._idle.put_nowait(client)  # the connection itself is fine
+                refused = exc.recipients[0] if exc.recipients else None
+                code = refused.code if refused is not None else 550
+                return classify_smtp(code, refused.message if refused is not None else "refused")
+            except aiosmtplib.SMTPResponseException as exc:
+                await _quit(client)
+                return classify_smtp(exc.code, exc.message)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await _quit(client)
+                return Retryable("smtp_connection", f"smtp {self.host}: {type(exc).__name__}")
+            self._idle.put_nowait(client)
+        return Sent(email["Message-ID"])
+
+
+async def _quit(client: aiosmtplib.SMTP | None) -> None:
+    if client is None:
+        return
+    try:
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        client.close()

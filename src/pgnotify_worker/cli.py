@@ -101,6 +101,8 @@ def cmd_run(settings: Settings) -> int:
                 settings.webhook_secret = SecretStr(secret)
             if "webhook_allowed_networks" not in settings.model_fields_set:
                 settings.webhook_allowed_networks = ["127.0.0.0/8", "::1/128"]
+            if "simulate" not in settings.model_fields_set:
+                settings.simulate = True  # trying the project: every channel prints to the console
         print(banner(settings, dsn, embedded, secret_file), flush=True)
         listen_dsn = (
             settings.listen_database_url.get_secret_value()

@@ -339,6 +339,11 @@ class Settings(BaseSettings):
         return sorted({v for v in values if v}, key=len, reverse=True)  # longest first
 
 
+def reveal(value: SecretStr | None) -> str | None:
+    """The plain value of a secret setting (at the one place that hands it to a client)."""
+    return value.get_secret_value() if value is not None else None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; ConfigError with PGNOTIFY_ names when unusable."""
     try:

@@ -15,10 +15,11 @@ import asyncpg
 
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate
+from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.listener import Listener, ListenerState
 from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
-from pgnotify_worker.config import Settings
+from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
@@ -129,7 +130,16 @@ class Service:
         async with AsyncExitStack() as stack:
             if install_signals:
                 stack.callback(self._install_signals())
-            app = http_server.make_app(self.status, self.ready_reasons, self.metrics.render)
+            inbound = Inbound(
+                lambda: self.store,
+                resend_secret=reveal(s.resend_webhook_secret),
+                sendgrid_public_key=s.sendgrid_webhook_public_key,
+                twilio_auth_token=reveal(s.twilio_auth_token),
+                public_base_url=s.public_base_url,
+            )
+            app = http_server.make_app(
+                self.status, self.ready_reasons, self.metrics.render, inbound.routes
+            )
             try:
                 runner, self.http_port = await http_server.start(app, s.http_host, s.http_port)
             except OSError as exc:

@@ -45,9 +45,14 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=lambda o: __import__("json").dumps(o, default=str))
 
 
-def make_app(status_fn: StatusFn, ready_fn: ReadyFn, metrics_fn: MetricsFn) -> web.Application:
+def make_app(
+    status_fn: StatusFn,
+    ready_fn: ReadyFn,
+    metrics_fn: MetricsFn,
+    extra_routes: Callable[[web.Application], None] | None = None,
+) -> web.Application:
     """The application (tests may serve it on their own runner)."""
-    app = web.Application()
+    app = web.Application(client_max_size=1024 * 1024)  # provider reports are small
     app[STATUS] = status_fn
     app[READY] = ready_fn
     app[METRICS] = metrics_fn
@@ -55,6 +60,8 @@ def make_app(status_fn: StatusFn, ready_fn: ReadyFn, metrics_fn: MetricsFn) -> w
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    if extra_routes is not None:
+        extra_routes(app)
     return app
 
 

@@ -15,7 +15,7 @@ from pgnotify_worker.adapters.providers.sendgrid import SendGridProvider
 from pgnotify_worker.adapters.providers.smtp import SmtpProvider
 from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
-from pgnotify_worker.config import Settings
+from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitBreaker
 from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
 from pgnotify_worker.errors import ConfigError, ProviderConfigError
@@ -70,11 +70,6 @@ class ChannelProviders:
         return [slot.provider for slot in self.slots]
 
 
-def _secret(value: object) -> str | None:
-    getter = getattr(value, "get_secret_value", None)
-    return getter() if getter is not None else None
-
-
 def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provider:
     if name not in ALLOWED[channel]:
         raise ConfigError(
@@ -90,18 +85,18 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
         return InAppProvider(store)
     if name == "webhook":
         return WebhookProvider(
-            _secret(s.webhook_secret),
+            reveal(s.webhook_secret),
             timeout=s.webhook_timeout,
             allowed_networks=s.webhook_allowed_networks,
             concurrency=s.concurrency_for("webhook"),
         )
     if name == "resend":
         return ResendProvider(
-            _secret(s.resend_api_key), s.email_from, base_url=s.resend_base_url, timeout=timeout
+            reveal(s.resend_api_key), s.email_from, base_url=s.resend_base_url, timeout=timeout
         )
     if name == "sendgrid":
         return SendGridProvider(
-            _secret(s.sendgrid_api_key), s.email_from, base_url=s.sendgrid_base_url, timeout=timeout
+            reveal(s.sendgrid_api_key), s.email_from, base_url=s.sendgrid_base_url, timeout=timeout
         )
     if name == "smtp":
         return SmtpProvider(
@@ -110,7 +105,7 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
             port=s.smtp_port,
             security=s.smtp_security,
             username=s.smtp_username,
-            password=_secret(s.smtp_password),
+            password=reveal(s.smtp_password),
             ca_file=s.smtp_ca_file,
             timeout=timeout,
             connections=s.smtp_connections,
@@ -119,7 +114,7 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
         callback = f"{s.public_base_url.rstrip('/')}/webhooks/twilio" if s.public_base_url else None
         return TwilioProvider(
             s.twilio_account_sid,
-            _secret(s.twilio_auth_token),
+            reveal(s.twilio_auth_token),
             sender=s.twilio_from,
             messaging_service_sid=s.twilio_messaging_service_sid,
             region=s.sms_default_region,
@@ -128,7 +123,7 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
             timeout=timeout,
         )
     if name == "fcm":
-        return FcmProvider(_secret(s.fcm_service_account), base_url=s.fcm_base_url, timeout=timeout)
+        return FcmProvider(reveal(s.fcm_service_account), base_url=s.fcm_base_url, timeout=timeout)
     raise ConfigError(f"unknown provider {name!r}")
 
 

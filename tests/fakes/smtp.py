@@ -226,6 +226,11 @@ class FakeSMTP:
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
 
+def _is_tls(server: SMTP) -> bool:
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
 class _Handler:
     def __init__(self, fake: FakeSMTP) -> None:
         self.fake = fake
@@ -277,7 +282,7 @@ class _Handler:
             raw=raw,
             message=parsed,
             reply=reply,
-            tls=session.ssl is not None,
+            tls=session.ssl is not None or _is_tls(server),
             auth_user=session.auth_data if session.authenticated else None,
             at=time.monotonic(),
         )

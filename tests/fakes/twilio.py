@@ -149,6 +149,24 @@ async def post_status_callback(
         return response.status, await response.text()
 
 
+def basic_auth(login: str, password: str) -> str:
+    """An `Authorization: Basic ...` header value."""
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
+def basic_credentials(value: str | None) -> tuple[str, str] | None:
+    """(login, password) of a Basic `Authorization` header value, or None."""
+    scheme, _, encoded = (value or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    login, sep, password = decoded.partition(":")
+    return (login, password) if sep else None
+
+
 def _now_rfc2822() -> str:
     return format_datetime(datetime.now(UTC).replace(microsecond=0))
 
@@ -218,17 +236,12 @@ class FakeTwilio(FakeServer):
         return self._fail(20404, path=request.path)
 
     def _authorized(self, rec: Recorded) -> bool:
-        value = rec.header("authorization")
-        if not value:
+        credentials = basic_credentials(rec.header("authorization"))
+        if credentials is None:
             return False
-        try:
-            auth = aiohttp.BasicAuth.decode(value)
-        except ValueError:
-            return False
-        expected = (
-            self.auth_token if auth.login == self.account_sid else self.api_keys.get(auth.login)
-        )
-        return expected is not None and hmac.compare_digest(auth.password, expected)
+        login, password = credentials
+        expected = self.auth_token if login == self.account_sid else self.api_keys.get(login)
+        return expected is not None and hmac.compare_digest(password, expected)
 
     async def _fetch(self, request: web.Request, rec: Recorded) -> web.StreamResponse:
         if not self._authorized(rec):

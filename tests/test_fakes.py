@@ -407,7 +407,10 @@ async def test_sendgrid_rate_limit_and_failures(sendgrid: FakeSendGrid) -> None:
     sendgrid.fail_next(1, status=503)
     url = sendgrid.url + "/v3/mail/send"
     status, headers, body = await call("POST", url, json=MAIL, headers=sg_headers())
-    assert (status, js(body)) == (429, {"errors": [{"field": None, "message": "too many requests"}]})
+    assert (status, js(body)) == (
+        429,
+        {"errors": [{"field": None, "message": "too many requests"}]},
+    )
     assert headers["x-ratelimit-remaining"] == "0" and headers["x-ratelimit-limit"].isdigit()
     assert 3 <= int(headers["x-ratelimit-reset"]) - time.time() <= 6
     status, _, body = await call("POST", url, json=MAIL, headers=sg_headers())
@@ -495,7 +498,9 @@ def test_num_segments() -> None:
 
 
 async def test_twilio_accepts_a_valid_sms(twilio: FakeTwilio) -> None:
-    status, headers, body = await call("POST", twilio.url + twilio.messages_path, data=SMS, headers=basic())
+    status, headers, body = await call(
+        "POST", twilio.url + twilio.messages_path, data=SMS, headers=basic()
+    )
     assert status == 201
     assert headers["content-type"].startswith("application/json")
     msg = js(body)
@@ -528,7 +533,11 @@ async def test_twilio_messaging_service_and_api_key(twilio: FakeTwilio) -> None:
         headers=basic("SK" + "2" * 32, "key-secret"),
     )
     assert status == 201
-    assert (js(body)["status"], js(body)["num_segments"], js(body)["from"]) == ("accepted", "0", None)
+    assert (js(body)["status"], js(body)["num_segments"], js(body)["from"]) == (
+        "accepted",
+        "0",
+        None,
+    )
 
 
 async def test_twilio_rejects_bad_credentials(twilio: FakeTwilio) -> None:
@@ -560,8 +569,12 @@ async def test_twilio_rejects_bad_credentials(twilio: FakeTwilio) -> None:
         ({**SMS, "StatusCallback": "ftp://example.com/cb"}, 21609),
     ],
 )
-async def test_twilio_validates_the_form(twilio: FakeTwilio, form: dict[str, str], code: int) -> None:
-    status, _, body = await call("POST", twilio.url + twilio.messages_path, data=form, headers=basic())
+async def test_twilio_validates_the_form(
+    twilio: FakeTwilio, form: dict[str, str], code: int
+) -> None:
+    status, _, body = await call(
+        "POST", twilio.url + twilio.messages_path, data=form, headers=basic()
+    )
     error = js(body)
     assert (status, error["code"], error["status"]) == (400, code, 400)
     assert error["more_info"] == f"https://www.twilio.com/docs/errors/{code}"
@@ -569,7 +582,9 @@ async def test_twilio_validates_the_form(twilio: FakeTwilio, form: dict[str, str
 
 
 async def test_twilio_wants_a_form_not_json(twilio: FakeTwilio) -> None:
-    status, _, body = await call("POST", twilio.url + twilio.messages_path, json=SMS, headers=basic())
+    status, _, body = await call(
+        "POST", twilio.url + twilio.messages_path, json=SMS, headers=basic()
+    )
     assert (status, js(body)["code"]) == (400, 21604)
 
 
@@ -585,7 +600,9 @@ async def test_twilio_error_for_number(twilio: FakeTwilio, code: int, status: in
 
 async def test_twilio_fail_next_default_body(twilio: FakeTwilio) -> None:
     twilio.fail_next(1, status=503)
-    status, _, body = await call("POST", twilio.url + twilio.messages_path, data=SMS, headers=basic())
+    status, _, body = await call(
+        "POST", twilio.url + twilio.messages_path, data=SMS, headers=basic()
+    )
     assert (status, js(body)["code"], js(body)["more_info"]) == (
         503,
         20503,
@@ -610,7 +627,11 @@ async def test_twilio_status_callback_is_signed(
     (rec,) = await webhook_sink.wait_for(1)
     form = dict(parse_qsl(rec.body.decode()))
     assert form["MessageStatus"] == form["SmsStatus"] == "undelivered"
-    assert (form["ErrorCode"], form["MessageSid"], form["AccountSid"]) == ("30003", sid, ACCOUNT_SID)
+    assert (form["ErrorCode"], form["MessageSid"], form["AccountSid"]) == (
+        "30003",
+        sid,
+        ACCOUNT_SID,
+    )
     headers = {k.lower(): v for k, v in rec.headers.items()}
     assert headers["content-type"] == "application/x-www-form-urlencoded"
     assert headers["x-twilio-signature"] == twilio_signature(AUTH_TOKEN, callback, form)
@@ -688,7 +709,11 @@ async def test_fcm_token_then_send(fcm: FakeFCM) -> None:
     ("kwargs", "error", "description"),
     [
         ({"key": "other"}, "invalid_grant", "Invalid JWT Signature."),
-        ({"audience": "https://example.com/token"}, "invalid_grant", "Invalid JWT: Failed audience"),
+        (
+            {"audience": "https://example.com/token"},
+            "invalid_grant",
+            "Invalid JWT: Failed audience",
+        ),
         ({"lifetime": 7200}, "invalid_grant", "Invalid JWT: Token must be a short-lived token"),
         ({"iat": int(time.time()) - 7200}, "invalid_grant", "Invalid JWT: Token must be"),
         ({"scope": "https://www.googleapis.com/auth/userinfo.email"}, "invalid_scope", "Invalid"),
@@ -713,14 +738,21 @@ async def test_fcm_token_endpoint_other_errors(fcm: FakeFCM) -> None:
     assert (status, js(body)["error"]) == (400, "unsupported_grant_type")
     fcm.token_error_next(1, status=503, error="temporarily_unavailable", description="later")
     status, body2 = await get_token(fcm)
-    assert (status, body2) == (503, {"error": "temporarily_unavailable", "error_description": "later"})
+    assert (status, body2) == (
+        503,
+        {"error": "temporarily_unavailable", "error_description": "later"},
+    )
     assert (await get_token(fcm))[0] == 200
 
 
 async def test_fcm_send_needs_an_issued_unexpired_token(fcm: FakeFCM) -> None:
     body = {"message": {"token": "device-1"}}
     status, headers, error = await fcm_send(fcm, None, body)
-    assert (status, error["error"]["status"], error["error"]["code"]) == (401, "UNAUTHENTICATED", 401)
+    assert (status, error["error"]["status"], error["error"]["code"]) == (
+        401,
+        "UNAUTHENTICATED",
+        401,
+    )
     assert "www-authenticate" in headers
     status, _, error = await fcm_send(fcm, "ya29.forged", body)
     assert (status, error["error"]["status"]) == (401, "UNAUTHENTICATED")
@@ -796,7 +828,11 @@ async def test_fcm_unregistered_and_scripted_errors(fcm: FakeFCM) -> None:
     fcm.fcm_error_next(1, 503, "UNAVAILABLE")
     fcm.fail_next(1, status=500)
     status, headers, body = await fcm_send(fcm, access, {"message": {"token": "d"}})
-    assert (status, headers["retry-after"], body["error"]["status"]) == (429, "60", "RESOURCE_EXHAUSTED")
+    assert (status, headers["retry-after"], body["error"]["status"]) == (
+        429,
+        "60",
+        "RESOURCE_EXHAUSTED",
+    )
     assert body["error"]["details"][0]["errorCode"] == "QUOTA_EXCEEDED"
     status, headers, body = await fcm_send(fcm, access, {"message": {"token": "d"}})
     assert (status, body["error"]["details"][0]["errorCode"]) == (503, "UNAVAILABLE")
@@ -811,7 +847,9 @@ async def test_fcm_unregistered_and_scripted_errors(fcm: FakeFCM) -> None:
 async def test_fcm_validate_only_and_wrong_project(fcm: FakeFCM) -> None:
     _, token = await get_token(fcm)
     access = token["access_token"]
-    status, _, body = await fcm_send(fcm, access, {"message": {"token": "d"}, "validate_only": True})
+    status, _, body = await fcm_send(
+        fcm, access, {"message": {"token": "d"}, "validate_only": True}
+    )
     assert (status, body["name"], fcm.sent) == (
         200,
         "projects/demo-project/messages/fake_message_id",
@@ -960,7 +998,9 @@ def test_svix_headers_verify_with_standard_webhooks() -> None:
 
     secret = "whsec_" + base64.b64encode(b"resend-test-secret-0123456789").decode()
     body = b'{"type":"email.delivered","created_at":"2024-01-01T00:00:00.000Z","data":{}}'
-    headers = svix_headers(secret, body, extra_secrets=["whsec_" + base64.b64encode(b"old").decode()])
+    headers = svix_headers(
+        secret, body, extra_secrets=["whsec_" + base64.b64encode(b"old").decode()]
+    )
     assert headers["svix-id"].startswith("msg_")
     assert len(headers["svix-signature"].split(" ")) == 2
     webhook_headers = {

@@ -32,6 +32,9 @@ from tests.fakes.webhooks_in import (
     SENDGRID_SIGNATURE,
     SENDGRID_TIMESTAMP,
     SendGridSigner,
+    post_webhook,
+    resend_event,
+    sendgrid_event,
     svix_headers,
     verify_sendgrid,
 )
@@ -140,6 +143,7 @@ async def test_resend_auth_and_user_agent_errors(resend: FakeResend) -> None:
         ({"html": None, "text": None}, 422, "missing_required_field"),
         ({"from": "not an address"}, 422, "invalid_from_address"),
         ({"to": 42}, 400, "validation_error"),
+        ({"to": ["not-an-address"]}, 422, "validation_error"),
     ],
 )
 async def test_resend_validates_the_body(
@@ -300,7 +304,7 @@ async def test_https_mode() -> None:
 # --- SendGrid ----------------------------------------------------------------------------------
 
 SG_KEY = "SG.test.key"
-MAIL = {
+MAIL: dict[str, Any] = {
     "personalizations": [
         {"to": [{"email": "user@example.com"}], "custom_args": {"notification_id": "abc123"}}
     ],
@@ -1053,3 +1057,27 @@ def test_sendgrid_signer_round_trip() -> None:
     assert not verify_sendgrid(
         signer.public_key_b64, headers[SENDGRID_SIGNATURE], "1700000001", body
     )
+
+
+async def test_post_signed_events(webhook_sink: WebhookSink) -> None:
+    secret = "whsec_" + base64.b64encode(b"resend-test-secret-0123456789").decode()
+    body = json.dumps(resend_event("email.bounced", "e-1", bounce={"type": "Permanent"})).encode()
+    assert (await post_webhook(webhook_sink.url + "/resend", body, svix_headers(secret, body)))[
+        0
+    ] == 200
+    signer = SendGridSigner()
+    events = SendGridSigner.body([sendgrid_event("delivered", "LRzXl_NHStOGhQ4kofSm_A", n="1")])
+    await post_webhook(webhook_sink.url + "/sendgrid", events, signer.headers(events))
+    resend_rec, sendgrid_rec = await webhook_sink.wait_for(2)
+    assert resend_rec.body == body and "svix-signature" in {k.lower() for k in resend_rec.headers}
+    assert sendgrid_rec.body == events  # byte-exact, CRLF included
+    headers = {k.lower(): v for k, v in sendgrid_rec.headers.items()}
+    assert verify_sendgrid(
+        signer.public_key_b64,
+        headers[SENDGRID_SIGNATURE.lower()],
+        headers[SENDGRID_TIMESTAMP.lower()],
+        sendgrid_rec.body,
+    )
+    (event,) = json.loads(sendgrid_rec.body)
+    assert event["sg_message_id"].split(".", 1)[0] == "LRzXl_NHStOGhQ4kofSm_A"
+    assert event["n"] == "1"

@@ -108,7 +108,11 @@ def make_response(
 
 
 class FakeServer:
-    """A real HTTP server on 127.0.0.1:<random port>. Use as `async with Fake(...) as fake:`."""
+    """A real HTTP server on 127.0.0.1:<random port>. Use as `async with Fake(...) as fake:`.
+
+    `requests` holds every request to the provider's main ("send") routes and to unknown
+    paths, in arrival order; scripted and rejected requests included.
+    """
 
     #: the `requests` channel name scripted failures apply to by default
     send_channel = "send"
@@ -131,6 +135,7 @@ class FakeServer:
         return web.json_response({"error": "not found"}, status=404)
 
     async def start(self) -> Self:
+        self._stopping = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         self._routes(app)
         app.router.add_route("*", "/{tail:.*}", self._fallback)

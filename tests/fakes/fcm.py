@@ -260,7 +260,12 @@ class FakeFCM(FakeServer):
     def error_body(self, status: int) -> tuple[Body, dict[str, str]]:
         code = {400: "INVALID_ARGUMENT", 404: "UNREGISTERED", 429: "QUOTA_EXCEEDED"}.get(status)
         code = code or {500: "INTERNAL", 503: "UNAVAILABLE"}.get(status)
-        message = FCM_ERROR_CODES[code][1] if code else f"HTTP {status}"
+        fallback = {
+            401: UNAUTHENTICATED,
+            403: "The caller does not have permission",
+            504: "Deadline exceeded.",
+        }.get(status, f"HTTP {status}")
+        message = FCM_ERROR_CODES[code][1] if code else fallback
         return self.error(status, message, error_code=code), {}
 
     def fcm_error_next(

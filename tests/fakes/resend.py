@@ -113,8 +113,10 @@ class FakeResend(FakeServer):
             "ratelimit-reset": str(reset),
         }
 
-    def _fail(self, name: str, message: str | None = None) -> web.Response:
-        body = self.error(name, message)
+    def _fail(
+        self, name: str, message: str | None = None, status: int | None = None
+    ) -> web.Response:
+        body = self.error(name, message, status)
         return make_response(body["statusCode"], body, self._limit_headers())
 
     # --- scripted failures -------------------------------------------------------------------
@@ -199,7 +201,10 @@ class FakeResend(FakeServer):
         return make_response(200, {"id": email_id}, self._limit_headers())
 
     @staticmethod
-    def _validate(body: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    def _validate(
+        body: Mapping[str, Any],
+    ) -> tuple[str, str | None] | tuple[str, str | None, int] | None:
+        """(name, message[, status]) of the first problem."""
         for name in ("from", "to", "subject"):
             if body.get(name) in (None, "", []):
                 return "missing_required_field", f"Missing `{name}` field."
@@ -212,6 +217,14 @@ class FakeResend(FakeServer):
             return "validation_error", "The `to` field must be a `string` or an `array`."
         if len(recipients) > 50:
             return "validation_error", "The `to` field must contain at most 50 recipients."
+        for recipient in recipients:
+            if not _FROM_RE.match(recipient):
+                return (
+                    "validation_error",
+                    "Invalid `to` field. The email address needs to follow the "
+                    "`email@example.com` or `Name <email@example.com>` format.",
+                    422,
+                )
         if not isinstance(body["subject"], str):
             return "validation_error", "The `subject` field must be a `string`."
         if body.get("template") is None and body.get("html") is None and body.get("text") is None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import aiohttp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,8 +51,20 @@ def svix_headers(
         "svix-id": msg_id,
         "svix-timestamp": str(ts),
         "svix-signature": " ".join(signatures),
-        "Content-Type": "application/json",
     }
+
+
+async def post_webhook(
+    url: str, body: bytes, headers: Mapping[str, str], *, timeout: float = 10.0
+) -> tuple[int, str]:
+    """POST `body` as `application/json` with the given (signature) headers; (status, text)."""
+    all_headers = {"Content-Type": "application/json", "User-Agent": "fake-provider/1.0"}
+    all_headers.update(headers)
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.post(url, data=body, headers=all_headers) as response,
+    ):
+        return response.status, await response.text()
 
 
 def resend_event(
@@ -93,7 +106,6 @@ class SendGridSigner:
         return {
             SENDGRID_SIGNATURE: self.sign(body, ts),
             SENDGRID_TIMESTAMP: ts,
-            "Content-Type": "application/json",
         }
 
     @staticmethod

@@ -636,7 +636,9 @@ async def test_an_unusable_listen_url_degrades_to_polling_and_says_so(
 ) -> None:
     from tests.support.pgcluster import free_port
 
-    deaf = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"  # e.g. a pooler that drops LISTEN
+    deaf = (
+        f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"  # e.g. a pooler that drops LISTEN
+    )
     settings = worker_settings(listen_database_url=deaf, poll_interval=0.3, connect_timeout=1.0)
     service = Service(settings, settings.database_url.get_secret_value(), deaf)  # type: ignore[union-attr]
     task = asyncio.create_task(service.run(install_signals=False))

@@ -27,11 +27,13 @@ fmt: $(STAMP)
 test: lint  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us
+bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.providers
 
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
+	$(BIN)/python -m bench.providers --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     )
     push_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["console"],
-        description="Push providers in failover order: fcm, console, file.",
+        description="Push providers: fcm, webpush (browser subscriptions), console, file.",
     )
     webhook_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["webhook"],
@@ -194,6 +194,15 @@ class Settings(BaseSettings):
         None, description="FCM service-account key: the JSON itself, or the path of the JSON file."
     )
     fcm_base_url: str = Field("https://fcm.googleapis.com", description="FCM API base URL.")
+    webpush_vapid_private_key: SecretStr | None = Field(
+        None, description="VAPID private key for Web Push (PEM, or the raw key in base64url)."
+    )
+    webpush_subject: str | None = Field(
+        None, description="VAPID contact: mailto:ops@example.com or an https URL."
+    )
+    webpush_ttl: int = Field(
+        86_400, ge=0, description="Seconds a push service keeps a message for an offline browser."
+    )
 
     # --- HTTP, logs, embedded ----------------------------------------------------------------
     http_host: str = Field(
@@ -327,6 +336,7 @@ class Settings(BaseSettings):
             self.smtp_password,
             self.twilio_auth_token,
             self.fcm_service_account,
+            self.webpush_vapid_private_key,
         ):
             if field is not None:
                 raw = field.get_secret_value()

@@ -224,6 +224,9 @@ class Dispatcher:
         to the next; the first answer that is not retryable (or the last failure) wins."""
         last: tuple[Outcome, str] | None = None
         for slot in self.channels[channel].slots:
+            handles = getattr(slot.provider, "handles", None)  # an address this provider can use?
+            if handles is not None and not handles(message.recipient):
+                continue
             if not slot.breaker.acquire(self.clock()):
                 continue
             outcome: Outcome | None = None
@@ -244,7 +247,13 @@ class Dispatcher:
             last = (outcome, slot.name)
         if last is not None:
             return last
-        slots = self.channels[channel].slots
+        slots = [
+            slot
+            for slot in self.channels[channel].slots
+            if getattr(slot.provider, "handles", lambda _r: True)(message.recipient)
+        ]
+        if not slots:
+            return Permanent("no_provider", f"no {channel} provider handles this address"), "none"
         reasons = "; ".join(f"{slot.name}: {slot.breaker.reason}" for slot in slots)
         return (
             Retryable(

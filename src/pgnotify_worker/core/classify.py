@@ -71,7 +71,10 @@ def classify_http(
         return Sent(message_id)
     if status in RETRYABLE_STATUS or status >= 500:
         return Retryable(
-            f"http_{status}", f"{what} answered HTTP {status}", retry_after_from(headers, now)
+            f"http_{status}",
+            f"{what} answered HTTP {status}",
+            retry_after_from(headers, now),
+            throttled=status == 429,  # the service is up and asks us to slow down
         )
     if 300 <= status < 400:
         return Permanent(

@@ -65,6 +65,10 @@ class FcmProvider:
         self.now = now
         self._session: aiohttp.ClientSession | None = None
 
+    def handles(self, recipient: str) -> bool:
+        """FCM registration tokens; browser subscriptions (JSON) go to webpush."""
+        return not recipient.startswith("{")
+
     async def start(self) -> None:
         self._session = http.make_session(self.timeout)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +31,17 @@ class HttpAnswer:
 
 
 def make_session(
-    timeout: float, *, limit: int = 100, resolver: aiohttp.abc.AbstractResolver | None = None
+    timeout: float,
+    *,
+    limit: int = 100,
+    resolver: aiohttp.abc.AbstractResolver | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """A session with a total and a connect timeout, no cookies, no environment proxies."""
-    connector = aiohttp.TCPConnector(limit=limit, resolver=resolver, ttl_dns_cache=10)
+    """A session with a total and a connect timeout, no cookies, no environment proxies.
+    `ssl_context` replaces the system trust store (tests trust their own CA this way)."""
+    connector = aiohttp.TCPConnector(
+        limit=limit, resolver=resolver, ttl_dns_cache=10, ssl=ssl_context if ssl_context else True
+    )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),

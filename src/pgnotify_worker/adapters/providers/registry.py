@@ -15,6 +15,7 @@ from pgnotify_worker.adapters.providers.sendgrid import SendGridProvider
 from pgnotify_worker.adapters.providers.smtp import SmtpProvider
 from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
+from pgnotify_worker.adapters.providers.webpush import WebPushProvider
 from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitBreaker
 from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 ALLOWED = {
     "email": {"resend", "sendgrid", "smtp", "console", "file"},
     "sms": {"twilio", "console", "file"},
-    "push": {"fcm", "console", "file"},
+    "push": {"fcm", "webpush", "console", "file"},
     "webhook": {"webhook", "console", "file"},
     "inapp": {"inapp", "console", "file"},
 }
@@ -41,6 +42,7 @@ DEFAULT_RATES = {
     "smtp": "10/10",
     "twilio": "50/50",
     "fcm": "500/500",
+    "webpush": "100/100",
 }
 
 
@@ -124,6 +126,14 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
         )
     if name == "fcm":
         return FcmProvider(reveal(s.fcm_service_account), base_url=s.fcm_base_url, timeout=timeout)
+    if name == "webpush":
+        return WebPushProvider(
+            reveal(s.webpush_vapid_private_key),
+            s.webpush_subject,
+            ttl=s.webpush_ttl,
+            timeout=timeout,
+            allowed_networks=s.webhook_allowed_networks,
+        )
     raise ConfigError(f"unknown provider {name!r}")
 
 

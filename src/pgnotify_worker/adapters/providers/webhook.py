@@ -55,6 +55,23 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+def literal_refusal(url: URL, allowed: Sequence[netguard.IPNetwork], what: str) -> Permanent | None:
+    """Why an IP-literal host is refused. aiohttp does not ask the resolver about IP literals,
+    so they are checked here; names are checked by GuardedResolver when they resolve."""
+    host = url.host or ""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    reason = netguard.blocked_reason(address, allowed)
+    if reason is None:
+        return None
+    return Permanent(
+        "target_refused",
+        f"{what} {address} is {reason}; allow it with PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS",
+    )
+
+
 def envelope(message: RenderedMessage) -> bytes:
     """The default body: {type, timestamp, data} as Standard Webhooks suggests."""
     created = message.created_at or dt.datetime.now(dt.UTC)
@@ -105,21 +122,6 @@ class WebhookProvider:
             await self._session.close()
             self._session = None
 
-    def _literal_refusal(self, url: URL) -> Permanent | None:
-        host = url.host or ""
-        try:
-            address = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return None  # a name: the resolver checks what it resolves to
-        reason = netguard.blocked_reason(address, self.allowed)
-        if reason is None:
-            return None
-        return Permanent(
-            "target_refused",
-            f"webhook target {address} is {reason}; "
-            "allow it with PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS",
-        )
-
     def build(self, message: RenderedMessage, timestamp: int) -> tuple[bytes, dict[str, str]]:
         """Body and headers of one attempt (same webhook-id on every attempt)."""
         if message.text is not None:
@@ -151,7 +153,7 @@ class WebhookProvider:
             return Permanent("bad_url", "webhook recipient must be an http(s) URL with a host")
         if url.user or url.password:
             return Permanent("bad_url", "webhook URL must not carry credentials")
-        refusal = self._literal_refusal(url)
+        refusal = literal_refusal(url, self.allowed, "webhook target")
         return refusal if refusal is not None else url
 
     async def send(self, message: RenderedMessage) -> Outcome:

@@ -471,11 +471,6 @@ async def test_smtp_without_unsubscribe_url_has_no_list_headers(
     assert received.message.get_content_type() == "text/plain"
 
 
-@pytest.mark.xfail(
-    reason="BUG: smtp.py:78-89 a message without created_at gets an empty 'Date:' header "
-    "(the `email['Date'] is None` check never matches once the header was set to None)",
-    strict=True,
-)
 async def test_smtp_without_created_at_has_no_empty_date_header(
     smtp: SmtpProvider, smtp_fake: FakeSMTP
 ) -> None:
@@ -563,11 +558,6 @@ async def test_smtp_slow_server_is_retryable(smtp_fake: FakeSMTP) -> None:
     assert time.monotonic() - started_at < 1.0
 
 
-@pytest.mark.xfail(
-    reason="BUG: smtp.py:142-144 an SMTP timeout is reported as 'smtp_connection', not 'timeout' "
-    "like every HTTP provider (error_summary and dashboards group by error_code)",
-    strict=True,
-)
 async def test_smtp_slow_server_is_a_timeout(smtp_fake: FakeSMTP) -> None:
     provider = await started(
         SmtpProvider(smtp_fake.host, SENDER, port=smtp_fake.port, security="none", timeout=0.3)
@@ -960,11 +950,6 @@ async def test_a_failed_probe_reopens_the_circuit(
     assert len(resend_fake.requests) == 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: dispatcher.py:198-220 (+ acquire at :230) _record reads `before` after acquire() moved the breaker "
-    "to half-open, so on_circuit (and pgnotify_provider_circuit_state=1) never reports half-open",
-    strict=True,
-)
 async def test_the_half_open_probe_is_reported(
     resend: ResendProvider, resend_fake: FakeResend
 ) -> None:

@@ -221,12 +221,6 @@ async def test_twilio_stop_fails_the_row_and_suppresses_the_number(
     assert twilio_fake.sent == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: dispatcher.py:309-312 (_after_send; same at inbound.py:210) stores the SMS suppression under the raw "
-    "recipient, not the E.164 number the provider sent to, so '(415) 555-2671' and "
-    "'+14155552671' are different entries",
-    strict=True,
-)
 async def test_twilio_stop_suppresses_the_e164_form_of_a_national_number(
     conn: asyncpg.Connection, twilio_fake: FakeTwilio, worker_settings: Callable[..., Settings]
 ) -> None:

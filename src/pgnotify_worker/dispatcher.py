@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from pgnotify_worker.adapters.db import DB_ERRORS, Completion, QueueStore, TemplateRow
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
+from pgnotify_worker.core.addresses import normalize
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
@@ -109,6 +110,7 @@ class Dispatcher:
         on_failover: Callable[[str, str], None] = lambda _c, _p: None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        sms_region: str = "US",
     ) -> None:
         self.channels = channels
         self.templates = templates
@@ -120,6 +122,7 @@ class Dispatcher:
         self.on_failover = on_failover
         self.rand = rand
         self.clock = clock
+        self.sms_region = sms_region
 
     # --- circuits: what the claim loop may take -------------------------------------------------
 
@@ -195,10 +198,9 @@ class Dispatcher:
                 "provider_crash", f"provider {provider.name} raised an unexpected error"
             )
 
-    def _record(self, slot: ProviderSlot, outcome: Outcome) -> None:
+    def _record(self, slot: ProviderSlot, outcome: Outcome, before: CircuitState) -> None:
         """Feed the provider's circuit: an answer closes it, a run of failures opens it."""
         breaker = slot.breaker
-        before = breaker.state
         if isinstance(outcome, Retryable) and not outcome.throttled:
             if breaker.failure(self.clock(), outcome.message, trip=outcome.trip):
                 log.warning(
@@ -223,12 +225,18 @@ class Dispatcher:
         """Try the channel's providers in order: a retryable failure or an open circuit moves on
         to the next; the first answer that is not retryable (or the last failure) wins."""
         last: tuple[Outcome, str] | None = None
+        moved_on = False
         for slot in self.channels[channel].slots:
             handles = getattr(slot.provider, "handles", None)  # an address this provider can use?
             if handles is not None and not handles(message.recipient):
                 continue
+            before = slot.breaker.state
             if not slot.breaker.acquire(self.clock()):
+                moved_on = True  # paused: the next provider takes it
                 continue
+            if slot.breaker.state is not before:
+                self.on_circuit(slot.name, slot.breaker)  # open -> half-open: this is the probe
+                before = slot.breaker.state
             outcome: Outcome | None = None
             try:
                 if slot.bucket is not None:
@@ -239,12 +247,13 @@ class Dispatcher:
             finally:
                 if outcome is None:  # cancelled before an answer: free the half-open probe
                     slot.breaker.release()
-            self._record(slot, outcome)
-            if last is not None:
+            self._record(slot, outcome, before)
+            if moved_on:
                 self.on_failover(channel, slot.name)
             if not isinstance(outcome, Retryable):
                 return outcome, slot.name
             last = (outcome, slot.name)
+            moved_on = True
         if last is not None:
             return last
         slots = [
@@ -307,7 +316,7 @@ class Dispatcher:
             if outcome.deactivate:
                 await self.store.deactivate_device(address, outcome.code)
             if outcome.suppress and channel != "push":
-                normalized = address.lower() if channel == "email" else address
+                normalized = normalize(channel, address, self.sms_region)
                 detail = {"notification_id": n.id, "code": outcome.code}
                 await self.store.suppress(channel, normalized, outcome.suppress, provider, detail)
         except DB_ERRORS as exc:

@@ -136,6 +136,7 @@ class Service:
                 sendgrid_public_key=s.sendgrid_webhook_public_key,
                 twilio_auth_token=reveal(s.twilio_auth_token),
                 public_base_url=s.public_base_url,
+                sms_region=s.sms_default_region,
             )
             app = http_server.make_app(
                 self.status, self.ready_reasons, self.metrics.render, inbound.routes
@@ -187,6 +188,7 @@ class Service:
                 ),
                 on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
                 on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
+                sms_region=s.sms_default_region,
             )
             enabled = {
                 channel: s.concurrency_for(channel)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from pgnotify_worker.adapters.db import DB_ERRORS, QueueStore
 from pgnotify_worker.core import signing
+from pgnotify_worker.core.addresses import normalize
 from pgnotify_worker.core.redact import mask_recipient
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Inbound:
         sendgrid_public_key: str | None,
         twilio_auth_token: str | None,
         public_base_url: str | None,
+        sms_region: str = "US",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -169,6 +171,7 @@ class Inbound:
         self.twilio_auth_token = twilio_auth_token
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.clock = clock
+        self.sms_region = sms_region
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/webhooks/resend", self.resend)
@@ -207,7 +210,7 @@ class Inbound:
                 notification_id, channel, recipient, stored = found
                 recorded += stored
                 if report.suppress and stored:
-                    address = recipient.lower() if channel == "email" else recipient
+                    address = normalize(channel, recipient, self.sms_region)
                     detail = {"notification_id": notification_id, "event": report.event}
                     await store.suppress(channel, address, report.suppress, provider, detail)
                     log.info(

@@ -45,11 +45,14 @@ def parse_rate_limit_reset(value: str | None, now: dt.datetime) -> float | None:
     return number if number >= 0 else None
 
 
-def retry_after_from(headers: Mapping[str, str], now: dt.datetime) -> float | None:
-    """The wait a response asks for: Retry-After first, then the common reset headers."""
+def retry_after_from(
+    headers: Mapping[str, str], now: dt.datetime, *, rate_limited: bool = True
+) -> float | None:
+    """The wait a response asks for: Retry-After first, then (for a rate limit) the common
+    reset headers, which some providers send on every answer, not only on a 429."""
     lowered = {k.lower(): v for k, v in headers.items()}
     found = parse_retry_after(lowered.get("retry-after"), now)
-    if found is not None:
+    if found is not None or not rate_limited:
         return found
     for name in ("ratelimit-reset", "x-ratelimit-reset"):
         found = parse_rate_limit_reset(lowered.get(name), now)
@@ -73,7 +76,7 @@ def classify_http(
         return Retryable(
             f"http_{status}",
             f"{what} answered HTTP {status}",
-            retry_after_from(headers, now),
+            retry_after_from(headers, now, rate_limited=status == 429),
             throttled=status == 429,  # the service is up and asks us to slow down
         )
     if 300 <= status < 400:
@@ -103,7 +106,8 @@ def classify_resend(
     what = f"resend {name or status}"
     if name in RESEND_TRIP or (status == 403 and name == "validation_error"):
         # credentials, an unverified domain, a spent quota: every send would fail the same way
-        wait = retry_after_from(headers, now)
+        quota = name in ("daily_quota_exceeded", "monthly_quota_exceeded")
+        wait = retry_after_from(headers, now) if quota else None
         return Retryable(f"resend_{name}", f"{what}: {message}", wait, trip=True)
     if name == "rate_limit_exceeded":
         return Retryable(

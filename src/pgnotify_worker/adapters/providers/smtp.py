@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ssl
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -75,7 +76,7 @@ class SmtpProvider:
         email["From"] = self.sender
         email["To"] = message.recipient
         email["Subject"] = message.subject or ""
-        email["Date"] = format_datetime(message.created_at) if message.created_at else None
+        email["Date"] = format_datetime(message.created_at or dt.datetime.now(dt.UTC))
         email["Message-ID"] = f"<{message.idempotency_key}@{self.domain}>"
         for header, value in unsubscribe_headers(message).items():
             email[header] = value
@@ -85,8 +86,6 @@ class SmtpProvider:
                 email.add_alternative(message.html, subtype="html")
         else:
             email.set_content(message.html or "", subtype="html")
-        if email["Date"] is None:
-            del email["Date"]
         return email
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -139,7 +138,10 @@ class SmtpProvider:
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(client)
                 return classify_smtp(exc.code, exc.message)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+                await _quit(client)
+                return Retryable("timeout", f"smtp {self.host} did not answer in time")
+            except (aiosmtplib.SMTPException, OSError) as exc:
                 await _quit(client)
                 return Retryable("smtp_connection", f"smtp {self.host}: {type(exc).__name__}")
             self._idle.put_nowait(client)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Callable
 
 import aiohttp
-import phonenumbers
 
 from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.core.addresses import to_e164
 from pgnotify_worker.core.classify import classify_twilio
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
-
-
-def to_e164(number: str, region: str) -> str | None:
-    """+14155550123 form, or None when the number is not a valid phone number."""
-    try:
-        parsed = phonenumbers.parse(number, region)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 class TwilioProvider:
@@ -53,7 +43,8 @@ class TwilioProvider:
             raise ProviderConfigError(
                 "twilio: set PGNOTIFY_TWILIO_FROM or PGNOTIFY_TWILIO_MESSAGING_SERVICE_SID"
             )
-        self.auth = aiohttp.BasicAuth(account_sid, auth_token)
+        credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {credentials}"}
         self.origin = (
             {"MessagingServiceSid": messaging_service_sid}
             if messaging_service_sid
@@ -92,7 +83,11 @@ class TwilioProvider:
             return Permanent("no_content", "an SMS needs a body")
         try:
             answer = await http.request(
-                self._session, "POST", self.url, data=self.form(message, number), auth=self.auth
+                self._session,
+                "POST",
+                self.url,
+                data=self.form(message, number),
+                headers=self._headers,
             )
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "twilio")

@@ -1,0 +1,25 @@
+"""One spelling per address, so a suppression recorded from one source matches every other."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+def to_e164(number: str, region: str) -> str | None:
+    """+14155550123 form, or None when the number is not a valid phone number."""
+    try:
+        parsed = phonenumbers.parse(number, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize(channel: str, address: str, region: str = "US") -> str:
+    """Email lower case; phone numbers E.164 (as given when unparseable); others unchanged."""
+    if channel == "email":
+        return address.strip().lower()
+    if channel == "sms":
+        return to_e164(address, region) or address.strip()
+    return address

@@ -3,7 +3,7 @@ worker for this machine's CPU: a raw asyncio protocol speaking just enough keep-
 
 Run: python -m bench.sink PORT. POST /hook answers 200 at once and notes when each payload seq
 arrived (CLOCK_MONOTONIC, comparable across processes); GET /stats returns
-{"count": n, "arrivals": {seq: t}}; POST /reset clears both.
+{"count": n, "arrivals": {seq: t}}, GET /count just the count; POST /reset clears both.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ class Sink(asyncio.Protocol):
             if match:
                 self.state.arrivals.setdefault(int(match.group(1)), now)
             self.transport.write(OK)
+        elif path == b"/count":  # cheap enough to poll while a drain runs
+            payload = str(self.state.count).encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: "
+                + str(len(payload)).encode()
+                + b"\r\n\r\n"
+                + payload
+            )
         elif path == b"/stats":
             payload = json.dumps(
                 {"count": self.state.count, "arrivals": self.state.arrivals}

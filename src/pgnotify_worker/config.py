@@ -147,6 +147,26 @@ class Settings(BaseSettings):
         "callbacks are requested there and their signatures checked against it.",
     )
 
+    # --- recipients, digests, jobs --------------------------------------------------------------
+    unsubscribe_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs unsubscribe links (32+ random characters). With "
+        "public_base_url set, templates get unsubscribe_url and emails List-Unsubscribe.",
+    )
+    unsubscribe_link_days: int = Field(
+        180, ge=1, description="How long an unsubscribe link stays valid, in days."
+    )
+    digest_hour: int = Field(8, ge=0, le=23, description="Local hour digests go out at.")
+    digest_weekday: int = Field(
+        1, ge=1, le=7, description="Day of the weekly digest (ISO: 1 = Monday ... 7 = Sunday)."
+    )
+    jobs: bool = Field(True, description="Run periodic jobs (pgnotify.jobs) in this replica.")
+    alert_recipients: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Who hears of a job failing three runs in a row: channel:address pairs, "
+        "e.g. email:ops@acme.com,webhook:https://hooks.acme.com/pgnotify.",
+    )
+
     # --- email ---------------------------------------------------------------------------------
     email_from: str | None = Field(
         None, description="Sender of every email: 'Acme <no-reply@acme.com>' (required for email)."
@@ -228,6 +248,7 @@ class Settings(BaseSettings):
         "webhook_providers",
         "inapp_providers",
         "webhook_allowed_networks",
+        "alert_recipients",
         mode="before",
     )
     @classmethod
@@ -286,6 +307,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name}: concurrency must be at least 1")
         return value
 
+    @field_validator("alert_recipients")
+    @classmethod
+    def _alert_targets(cls, value: list[str]) -> list[str]:
+        for item in value:
+            channel, sep, address = item.partition(":")
+            if not sep or channel not in CHANNELS or not address:
+                raise ValueError(f"{item!r} is not channel:address (e.g. email:ops@acme.com)")
+        return value
+
     @field_validator("webhook_allowed_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
@@ -337,6 +367,7 @@ class Settings(BaseSettings):
             self.twilio_auth_token,
             self.fcm_service_account,
             self.webpush_vapid_private_key,
+            self.unsubscribe_secret,
         ):
             if field is not None:
                 raw = field.get_secret_value()

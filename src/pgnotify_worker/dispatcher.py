@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pgnotify_worker.adapters.db import DB_ERRORS, Completion, QueueStore, TemplateRow
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
 from pgnotify_worker.core.addresses import normalize
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
+from pgnotify_worker.core.preferences import Decision, Facts, Send, decide
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
-from pgnotify_worker.core.state import Resolution, Status, resolve
+from pgnotify_worker.core.state import Resolution, Status, decision_resolution, resolve
 from pgnotify_worker.core.templates import Renderer, TemplateParts, build_context
 from pgnotify_worker.errors import TemplateError
 from pgnotify_worker.models import (
@@ -111,6 +114,7 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
         sms_region: str = "US",
+        unsubscribe_url: Callable[[str, str | None], str] | None = None,
     ) -> None:
         self.channels = channels
         self.templates = templates
@@ -123,6 +127,8 @@ class Dispatcher:
         self.rand = rand
         self.clock = clock
         self.sms_region = sms_region
+        self.unsubscribe_url = unsubscribe_url
+        self._facts: dict[int, Any] = {}  # prefetched per claim batch, consumed by deliver()
 
     # --- circuits: what the claim loop may take -------------------------------------------------
 
@@ -139,6 +145,52 @@ class Dispatcher:
         """Seconds until some provider of the channel may be tried again."""
         now = self.clock()
         return min((slot.breaker.opens_in(now) for slot in self.channels[channel].slots), default=0)
+
+    # --- send-time rules: preferences, consent, suppression, quiet hours, expiry ------------------
+
+    @staticmethod
+    def needs_facts(n: Notification) -> bool:
+        """Rows about a user or a category, and email/SMS addresses (suppressions), are checked."""
+        return n.user_id is not None or n.category is not None or n.channel in ("email", "sms")
+
+    async def prepare(self, rows: list[Notification]) -> None:
+        """Fetch the facts of a claimed batch in one round trip (deliver() falls back per row)."""
+        wanted = [n for n in rows if self.needs_facts(n)]
+        if not wanted or self.store is None:
+            return
+        with contextlib.suppress(*DB_ERRORS):  # on failure each row asks again by itself
+            self._facts.update(
+                await self.store.send_facts(
+                    [n.id for n in wanted],
+                    [normalize(n.channel, n.recipient, self.sms_region) for n in wanted],
+                )
+            )
+
+    async def decision(self, n: Notification) -> Decision:
+        """Send, skip, expire, hold or defer."""
+        expired = n.expires_at is not None and n.expires_at <= n.claimed_at
+        if expired or not self.needs_facts(n) or self.store is None:
+            return decide(Facts(expired=expired, is_digest=n.digest_of is not None))
+        row = self._facts.pop(n.id, None)
+        if row is None:
+            address = normalize(n.channel, n.recipient, self.sms_region)
+            row = (await self.store.send_facts([n.id], [address])).get(n.id)
+        if row is None:
+            return Send()
+        return decide(
+            Facts(
+                suppressed=row["suppressed"],
+                critical=row["critical"],
+                unsubscribed=row["unsubscribed"],
+                requires_consent=row["requires_consent"],
+                consent=row["consent"],
+                preference=row["preference"],
+                is_digest=n.digest_of is not None,
+                quiet_start=row["quiet_start"],
+                quiet_end=row["quiet_end"],
+                local_time=row["local_time"],
+            )
+        )
 
     # --- rendering ------------------------------------------------------------------------------
 
@@ -161,8 +213,11 @@ class Dispatcher:
                 key=row.key,
                 version=row.version,
             )
-        rendered = self.renderer.render(parts, build_context(n.payload))
         unsubscribe = n.payload.get("unsubscribe_url")
+        if not isinstance(unsubscribe, str) and self.unsubscribe_url and n.user_id is not None:
+            unsubscribe = self.unsubscribe_url(n.user_id, n.category)
+        extra = {"unsubscribe_url": unsubscribe} if isinstance(unsubscribe, str) else None
+        rendered = self.renderer.render(parts, build_context(n.payload, extra))
         message = RenderedMessage(
             notification_id=n.id,
             idempotency_key=n.idempotency_key,
@@ -330,6 +385,16 @@ class Dispatcher:
     async def deliver(self, n: Notification) -> Delivery:
         """Render, send, classify; the result is ready for the batched write-back."""
         started = time.perf_counter()
+        try:
+            verdict = await self.decision(n)
+        except DB_ERRORS:
+            unavailable = Retryable("database", "preference lookup failed: database unavailable")
+            resolution = resolve(unavailable, n.attempt, n.max_attempts, self.policy, self.rand())
+            return self._delivery(n, resolution, "none", started, None, None)
+        early = decision_resolution(verdict)
+        if early is not None:
+            self._log(n, early, "none", time.perf_counter() - started)
+            return self._delivery(n, early, "none", started, None, None)
         provider_name = "none"
         version = None
         outcome: Outcome
@@ -352,6 +417,18 @@ class Dispatcher:
         self.observe_send(n.channel, provider_name, elapsed)
         resolution = resolve(outcome, n.attempt, n.max_attempts, self.policy, self.rand())
         self._log(n, resolution, provider_name, elapsed)
+        return self._delivery(n, resolution, provider_name, started, version, outcome)
+
+    def _delivery(
+        self,
+        n: Notification,
+        resolution: Resolution,
+        provider_name: str,
+        started: float,
+        version: int | None,
+        outcome: Outcome | None,
+    ) -> Delivery:
+        elapsed = time.perf_counter() - started
         e2e = None
         if isinstance(outcome, Sent):
             e2e = max(0.0, (n.claimed_at - n.created_at).total_seconds()) + elapsed
@@ -368,6 +445,8 @@ class Dispatcher:
                 provider_message_id=resolution.provider_message_id,
                 duration_ms=elapsed * 1000,
                 template_version=version,
+                refund=1 if resolution.refund else 0,
+                hold=resolution.hold,
             ),
             channel=n.channel,
             outcome=OUTCOME_LABEL[resolution.status],

@@ -31,6 +31,8 @@ class Notification:
     max_attempts: int
     created_at: dt.datetime
     claimed_at: dt.datetime  # database time of the claim
+    expires_at: dt.datetime | None = None
+    digest_of: str | None = None  # a digest notification: daily | weekly
 
     @property
     def idempotency_key(self) -> str:

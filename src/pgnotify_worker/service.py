@@ -14,20 +14,24 @@ from typing import Any
 import asyncpg
 
 from pgnotify_worker import __version__
-from pgnotify_worker.adapters import db, http_server, migrate
+from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.listener import Listener, ListenerState
 from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
+from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
+from pgnotify_worker.core.unsubscribe import make_token
 from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
 from pgnotify_worker.errors import ConfigError
+from pgnotify_worker.jobs import JobRunner
 from pgnotify_worker.worker import Health, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
+JOB_STATUS_ERRORS: tuple[type[Exception], ...] = (*db.DB_ERRORS, TimeoutError)
 CIRCUIT_GAUGE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 
@@ -47,6 +51,7 @@ class Service:
         self.worker: Worker | None = None
         self.store: db.QueueStore | None = None
         self.providers: dict[str, ChannelProviders] = {}
+        self.jobs: JobRunner | None = None
         self.ready = asyncio.Event()  # set once the worker claims (tests and the CLI wait on it)
         self.listening = asyncio.Event()  # set while the listener is connected and proven
         self._stop_requested = asyncio.Event()
@@ -138,8 +143,15 @@ class Service:
                 public_base_url=s.public_base_url,
                 sms_region=s.sms_default_region,
             )
+            unsubscribe_key = (
+                s.unsubscribe_secret.get_secret_value().encode() if s.unsubscribe_secret else None
+            )
+            pages = UnsubscribePages(lambda: self.store, unsubscribe_key)
             app = http_server.make_app(
-                self.status, self.ready_reasons, self.metrics.render, inbound.routes
+                self.status,
+                self.ready_reasons,
+                self.metrics.render,
+                (inbound.routes, pages.routes),
             )
             try:
                 runner, self.http_port = await http_server.start(app, s.http_host, s.http_port)
@@ -189,6 +201,7 @@ class Service:
                 on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
                 on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
                 sms_region=s.sms_default_region,
+                unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
             )
             enabled = {
                 channel: s.concurrency_for(channel)
@@ -233,6 +246,24 @@ class Service:
                     s.poll_interval,
                     extra={"action": "poll_only"},
                 )
+            if s.jobs:
+                self.jobs = JobRunner(
+                    pool,
+                    self.worker_id,
+                    builtin_commands={
+                        "digest_daily": (
+                            f"SELECT pgnotify.build_digests('daily', now(), {s.digest_hour}, "
+                            f"{s.digest_weekday})"
+                        ),
+                        "digest_weekly": (
+                            f"SELECT pgnotify.build_digests('weekly', now(), {s.digest_hour}, "
+                            f"{s.digest_weekday})"
+                        ),
+                    },
+                    alert=self._alert,
+                    on_finish=self._job_finished,
+                )
+                background.append(self.jobs.run)
             self.ready.set()
             log.info(
                 "worker %s ready: channels %s",
@@ -241,6 +272,63 @@ class Service:
                 extra={"action": "ready"},
             )
             await worker.run(background)
+
+    def _unsubscribe_links(self, key: bytes | None) -> Callable[[str, str | None], str] | None:
+        """Links for templates and List-Unsubscribe: needs a key and the public base URL."""
+        base = self.settings.public_base_url
+        if key is None or not base:
+            return None
+        lifetime = self.settings.unsubscribe_link_days * 86_400
+
+        def link(user_id: str, category: str | None) -> str:
+            token = make_token(key, user_id, category, int(time.time()) + lifetime)
+            return f"{base.rstrip('/')}/unsubscribe?token={token}"
+
+        return link
+
+    def _job_finished(self, job: str, status: str, streak: int) -> None:
+        self.metrics.child(self.metrics.job_runs, job, status).inc()
+        self.metrics.job_failures.labels(job).set(streak)
+        if status == "succeeded":
+            self.metrics.job_last_success.labels(job).set(time.time())
+
+    async def _alert(self, job: str, streak: int, error: str | None) -> None:
+        """A job failed `streak` runs in a row: tell the configured admins (critical category)."""
+        targets = self.settings.alert_recipients
+        if not targets or self.store is None:
+            log.error(
+                "job %s failed %s times in a row and no PGNOTIFY_ALERT_RECIPIENTS are set",
+                job,
+                streak,
+                extra={"action": "job_alert_unsent"},
+            )
+            return
+        subject = f"pgnotify job {job} failed {streak} times in a row"
+        body = f"The periodic job {job} failed {streak} runs in a row. Last error: {error}"
+        for target in targets:
+            channel, _, address = target.partition(":")
+            try:
+                await self.store.pool.fetchval(
+                    queries.ENQUEUE,
+                    channel,
+                    address,
+                    None,
+                    {"job": job, "consecutive_failures": streak, "error": error},
+                    subject,
+                    body,
+                    None,
+                    None,
+                    "system_alert",
+                    None,
+                    10,
+                    None,
+                    None,
+                    f"job-alert:{job}:{int(time.time() // 3600)}:{channel}:{address}",
+                )
+            except db.DB_ERRORS as exc:
+                log.error(
+                    "could not enqueue a job alert: %s", exc, extra={"action": "job_alert_failed"}
+                )
 
     def _listener_changed(self, state: ListenerState) -> None:
         self.metrics.listener_connected.set(1 if state.connected else 0)
@@ -260,6 +348,14 @@ class Service:
             reasons.append("database does not answer")
         self.metrics.ready.set(0 if reasons else 1)
         return reasons
+
+    async def _jobs_status(self) -> list[dict[str, Any]] | dict[str, str]:
+        if self.jobs is None:
+            return {"enabled": "false"}
+        try:
+            return await asyncio.wait_for(self.jobs.status(), 5)
+        except JOB_STATUS_ERRORS as exc:
+            return {"error": type(exc).__name__}
 
     async def status(self) -> dict[str, Any]:
         """The /status document."""
@@ -310,6 +406,7 @@ class Service:
                 else {"enabled": False, "poll_interval": self.settings.poll_interval}
             ),
             "held_claims": len(worker.held) if worker else 0,
+            "jobs": await self._jobs_status(),
             "channels": channels,
             "queue": queue,
         }

@@ -287,6 +287,7 @@ class Worker:
                 self.metrics.claim_batch.observe(len(rows))
                 if rows:
                     self.metrics.claimed.labels(state.name).inc(len(rows))
+                await self.dispatcher.prepare(rows)
                 for n in rows:
                     self._start_send(state, n)
                 if len(rows) < take or take < free:

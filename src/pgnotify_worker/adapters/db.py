@@ -75,6 +75,8 @@ class Completion:
     provider_message_id: str | None
     duration_ms: float | None
     template_version: int | None
+    refund: int = 0
+    hold: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,8 @@ class QueueStore:
                 max_attempts=r["max_attempts"],
                 created_at=r["created_at"],
                 claimed_at=r["claimed_at"],
+                expires_at=r["expires_at"],
+                digest_of=r["digest_of"],
             )
             for r in rows
         ]
@@ -139,6 +143,8 @@ class QueueStore:
             [c.provider_message_id for c in batch],
             [c.duration_ms for c in batch],
             [c.template_version for c in batch],
+            [c.refund for c in batch],
+            [c.hold for c in batch],
         )
         return {r["id"] for r in rows}
 
@@ -264,6 +270,11 @@ class QueueStore:
         if row is None:
             return None
         return row["id"], row["channel"], row["recipient"], row["stored"] > 0
+
+    async def send_facts(self, ids: Sequence[int], addresses: Sequence[str]) -> dict[int, Any]:
+        """Facts for the preference rules, per notification id (one round trip for a batch)."""
+        rows = await self.pool.fetch(queries.SEND_FACTS, list(ids), list(addresses))
+        return {r["id"]: r for r in rows}
 
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""

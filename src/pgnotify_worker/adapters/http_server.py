@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -49,7 +49,7 @@ def make_app(
     status_fn: StatusFn,
     ready_fn: ReadyFn,
     metrics_fn: MetricsFn,
-    extra_routes: Callable[[web.Application], None] | None = None,
+    extra_routes: Sequence[Callable[[web.Application], None]] = (),
 ) -> web.Application:
     """The application (tests may serve it on their own runner)."""
     app = web.Application(client_max_size=1024 * 1024)  # provider reports are small
@@ -60,8 +60,8 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
-    if extra_routes is not None:
-        extra_routes(app)
+    for add in extra_routes:
+        add(app)
     return app
 
 

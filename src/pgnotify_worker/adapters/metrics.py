@@ -127,6 +127,24 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.job_runs = Counter(
+            "pgnotify_job_runs",
+            "Periodic job runs this worker made, by job and status (succeeded, failed).",
+            ["job", "status"],
+            registry=r,
+        )
+        self.job_failures = Gauge(
+            "pgnotify_job_consecutive_failures",
+            "Failed runs in a row of each job (alert at 3).",
+            ["job"],
+            registry=r,
+        )
+        self.job_last_success = Gauge(
+            "pgnotify_job_last_success_timestamp_seconds",
+            "When each job last succeeded in this worker (Unix time).",
+            ["job"],
+            registry=r,
+        )
         self.failovers = Counter(
             "pgnotify_provider_failovers",
             "Sends that moved on to a later provider of the channel, by that provider.",

@@ -20,7 +20,7 @@ WITH ready AS (
     FROM ready WHERE n.id = ready.id
     RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
            n.template, n.subject, n.body, n.html_body, n.locale, n.payload, n.priority,
-           n.attempts, n.max_attempts, n.created_at, n.run_at
+           n.attempts, n.max_attempts, n.created_at, n.run_at, n.expires_at, n.digest_of
 ), logged AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
     SELECT id, 'claimed', attempts, $3 FROM claimed
@@ -34,12 +34,16 @@ ORDER BY priority DESC, run_at, id
 COMPLETE = """
 WITH r AS (
     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::float8[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::real[], $12::int[])
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::real[], $12::int[],
+                         $13::int[], $14::text[])
         AS r(id, attempt, status, event, delay, error_code, error, provider,
-             provider_message_id, duration_ms, template_version)
+             provider_message_id, duration_ms, template_version, refund, hold)
 ), done AS (
     UPDATE pgnotify.notifications n
     SET status = r.status,
+        attempts = n.attempts - r.refund,
+        hold = CASE WHEN r.status = 'held' THEN r.hold ELSE n.hold END,
+        held_at = CASE WHEN r.status = 'held' THEN now() ELSE n.held_at END,
         run_at = CASE WHEN r.status = 'scheduled'
                       THEN now() + make_interval(secs => r.delay) ELSE n.run_at END,
         locked_by = NULL,
@@ -57,7 +61,8 @@ WITH r AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker, provider, duration_ms,
                                  error_code, error, detail)
     SELECT r.id, r.event, r.attempt, $1, r.provider, r.duration_ms, r.error_code, r.error,
-           CASE WHEN done.status = 'scheduled' THEN jsonb_build_object('retry_at', done.run_at) END
+           CASE WHEN done.status = 'scheduled' THEN jsonb_build_object('retry_at', done.run_at)
+                WHEN done.status = 'held' THEN jsonb_build_object('digest', r.hold) END
     FROM r JOIN done ON done.id = r.id
 )
 SELECT id FROM done
@@ -250,6 +255,110 @@ WITH target AS (
 )
 SELECT target.id, target.channel, target.recipient, (SELECT count(*) FROM stored) AS stored
 FROM target
+"""
+
+# send_facts: for rows $1 (their addresses normalised in $2), what the preference rules need,
+# read at send time on the database clock, so a change made after enqueue still holds.
+SEND_FACTS = """
+SELECT x.id,
+       coalesce(cat.critical, false) AS critical,
+       coalesce(cat.requires_consent, false) AS requires_consent,
+       co.granted AS consent,
+       CASE WHEN n.user_id IS NULL THEN coalesce(cat.default_preference, 'immediate')
+            ELSE pgnotify.preference_of(n.user_id, n.channel, n.category) END AS preference,
+       c.unsubscribed_at IS NOT NULL AS unsubscribed,
+       EXISTS (SELECT 1 FROM pgnotify.suppressions s
+               WHERE s.channel = n.channel AND s.address = x.address) AS suppressed,
+       c.quiet_start, c.quiet_end,
+       (now() AT TIME ZONE coalesce(c.timezone, 'UTC'))::time AS local_time
+FROM unnest($1::bigint[], $2::text[]) AS x(id, address)
+JOIN pgnotify.notifications n ON n.id = x.id
+LEFT JOIN pgnotify.contacts c ON c.user_id = n.user_id
+LEFT JOIN pgnotify.categories cat ON cat.name = n.category
+LEFT JOIN pgnotify.consents co ON co.user_id = n.user_id AND co.category = n.category
+"""
+
+# job_claim: lock one due job (another replica skips it); the caller advances it in the same
+# transaction, so each due run happens once however many replicas poll.
+JOB_CLAIM = """
+SELECT name, schedule, timezone, command, timeout_seconds, next_run_at, now() AS db_now
+FROM pgnotify.jobs
+WHERE enabled AND next_run_at <= now()
+ORDER BY next_run_at
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+
+# job_start: move job $1 to its next run $2 and open a run record (scheduled for $3, worker $4).
+JOB_START = """
+WITH moved AS (
+    UPDATE pgnotify.jobs SET next_run_at = $2, last_started_at = now() WHERE name = $1
+)
+INSERT INTO pgnotify.job_runs (job_name, scheduled_for, worker) VALUES ($1, $3, $4)
+RETURNING id
+"""
+
+# job_finish: close run $1 (status $2, rows $3, error $4) and keep the job's failure streak.
+JOB_FINISH = """
+WITH run AS (
+    UPDATE pgnotify.job_runs
+    SET finished_at = now(), status = $2, rows_affected = $3, error = $4
+    WHERE id = $1
+    RETURNING job_name
+)
+UPDATE pgnotify.jobs j
+SET last_finished_at = now(), last_status = $2,
+    consecutive_failures = CASE WHEN $2 = 'failed' THEN j.consecutive_failures + 1 ELSE 0 END
+FROM run WHERE j.name = run.job_name
+RETURNING j.name, j.consecutive_failures
+"""
+
+# jobs_unscheduled: enabled jobs without a next run yet (new rows), with the database time.
+JOBS_UNSCHEDULED = """
+SELECT name, schedule, timezone, now() AS db_now
+FROM pgnotify.jobs WHERE enabled AND next_run_at IS NULL
+"""
+
+# job_schedule: give job $1 its first run time $2 (unless another replica did).
+JOB_SCHEDULE = "UPDATE pgnotify.jobs SET next_run_at = $2 WHERE name = $1 AND next_run_at IS NULL"
+
+# job_disable: a job whose schedule cannot be read stops, with the reason as its status.
+JOB_DISABLE = "UPDATE pgnotify.jobs SET enabled = false, last_status = $2 WHERE name = $1"
+
+# jobs_next_due: seconds until the next enabled job is due (NULL when none is scheduled).
+JOBS_NEXT_DUE = """
+SELECT extract(epoch FROM min(next_run_at) - now())::float8 FROM pgnotify.jobs WHERE enabled
+"""
+
+# job_command: keep a built-in job's command in line with the settings (digest hour, weekday).
+JOB_COMMAND = """
+UPDATE pgnotify.jobs SET command = $2 WHERE name = $1 AND builtin AND command IS DISTINCT FROM $2
+"""
+
+# jobs_status: every job and its last run, for /status and the metrics.
+JOBS_STATUS = """
+SELECT name, schedule, timezone, enabled, builtin, next_run_at, last_started_at,
+       last_finished_at, last_status, consecutive_failures
+FROM pgnotify.jobs ORDER BY name
+"""
+
+# opt_out: record an unsubscribe link's request: user $1 from category $2 ('*' = everything
+# but critical categories), idempotently.
+OPT_OUT = """
+WITH everything AS (
+    INSERT INTO pgnotify.contacts (user_id, unsubscribed_at)
+    SELECT $1, now() WHERE $2 = '*'
+    ON CONFLICT (user_id) DO UPDATE
+        SET unsubscribed_at = coalesce(pgnotify.contacts.unsubscribed_at, now())
+    RETURNING 1
+), one AS (
+    INSERT INTO pgnotify.preferences (user_id, channel, category, setting, source)
+    SELECT $1, '*', $2, 'off', 'unsubscribe_link' WHERE $2 <> '*'
+    ON CONFLICT (user_id, channel, category)
+        DO UPDATE SET setting = 'off', source = 'unsubscribe_link', updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM everything) + (SELECT count(*) FROM one)
 """
 
 ALL = {

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import assert_never
 
+from pgnotify_worker.core.preferences import Decision, Defer, Expire, Hold, Send, Skip
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.models import Outcome, Permanent, Retryable, Sent, Skipped
 
@@ -21,6 +22,9 @@ class Status(enum.StrEnum):
     DEAD = "dead"
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
+    HELD = "held"  # waiting for the next digest
+    DIGESTED = "digested"  # went out inside a digest
+    EXPIRED = "expired"  # past expires_at, not sent
 
 
 class Event(enum.StrEnum):
@@ -36,9 +40,23 @@ class Event(enum.StrEnum):
     LEASE_EXPIRED = "lease_expired"
     RELEASED = "released"
     REPLAYED = "replayed"
+    HELD = "held"
+    DEFERRED = "deferred"
+    EXPIRED = "expired"
+    DIGESTED = "digested"
 
 
-TERMINAL = frozenset({Status.SENT, Status.FAILED, Status.DEAD, Status.CANCELLED, Status.SKIPPED})
+TERMINAL = frozenset(
+    {
+        Status.SENT,
+        Status.FAILED,
+        Status.DEAD,
+        Status.CANCELLED,
+        Status.SKIPPED,
+        Status.DIGESTED,
+        Status.EXPIRED,
+    }
+)
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
@@ -49,10 +67,15 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.FAILED,
             Status.DEAD,
             Status.SKIPPED,
-            Status.SCHEDULED,  # retry later
+            Status.SCHEDULED,  # retry later, or after the recipient's quiet hours
             Status.QUEUED,  # released on shutdown, or requeued after the lease expired
+            Status.HELD,  # for a digest
+            Status.EXPIRED,
         }
     ),
+    Status.HELD: frozenset({Status.DIGESTED, Status.CANCELLED}),
+    Status.DIGESTED: frozenset(),
+    Status.EXPIRED: frozenset(),
     Status.SENT: frozenset(),
     Status.FAILED: frozenset({Status.QUEUED}),  # pgnotify.retry()
     Status.DEAD: frozenset({Status.QUEUED}),  # pgnotify.retry()
@@ -76,6 +99,36 @@ class Resolution:
     error_code: str | None = None
     error: str | None = None
     provider_message_id: str | None = None
+    refund: bool = False  # the attempt does not count (held, deferred: nothing was tried)
+    hold: str | None = None  # daily | weekly when HELD
+
+
+def decision_resolution(decision: Decision) -> Resolution | None:
+    """The write-back for a decision taken before any send; None when the row is to be sent."""
+    match decision:
+        case Send():
+            return None
+        case Skip(code=code, reason=reason):
+            return Resolution(Status.SKIPPED, Event.SKIPPED, error_code=code, error=reason)
+        case Expire():
+            return Resolution(
+                Status.EXPIRED,
+                Event.EXPIRED,
+                error_code="expired",
+                error="past its expires_at: not sent",
+            )
+        case Hold(kind=kind):
+            return Resolution(Status.HELD, Event.HELD, refund=True, hold=kind)
+        case Defer(seconds=seconds):
+            return Resolution(
+                Status.SCHEDULED,
+                Event.DEFERRED,
+                delay=seconds,
+                refund=True,
+                error_code="quiet_hours",
+            )
+        case _:
+            assert_never(decision)
 
 
 def resolve(

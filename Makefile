@@ -30,10 +30,12 @@ test: lint  ## lint, then the test suite against a throwaway PostgreSQL
 bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.providers
+	$(BIN)/python -m bench.chat
 
 bench-smoke: $(STAMP)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
 	$(BIN)/python -m bench.providers --smoke
+	$(BIN)/python -m bench.chat --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

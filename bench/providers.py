@@ -92,13 +92,27 @@ async def pair(
     concurrency: int,
     client: Callable[[int], Awaitable[None]],
     bare: Callable[[int], Awaitable[None]],
+    rounds: int = 3,
 ) -> tuple[Result, Result]:
+    """Medians of `rounds` rounds that alternate which side goes first (this machine drifts)."""
     await drive(min(200, count), concurrency, client)  # warm connections and caches
     await drive(min(200, count), concurrency, bare)
-    ours = await drive(count, concurrency, client)
-    theirs = await drive(count, concurrency, bare)
-    ours.name, theirs.name = name, f"{name}: bare aiohttp POST"
-    return ours, theirs
+    ours_runs, bare_runs = [], []
+    for i in range(rounds):
+        order = ((client, ours_runs), (bare, bare_runs))
+        for fn, into in order if i % 2 == 0 else reversed(order):
+            into.append(await drive(count, concurrency, fn))
+
+    def median(runs: list[Result], label: str) -> Result:
+        return Result(
+            label,
+            runs[0].requests,
+            statistics.median(r.per_second for r in runs),
+            statistics.median(r.p50_ms for r in runs),
+            statistics.median(r.p99_ms for r in runs),
+        )
+
+    return median(ours_runs, name), median(bare_runs, f"{name}: bare aiohttp POST")
 
 
 async def expect_sent(outcome_awaitable: Awaitable[object]) -> None:
@@ -238,7 +252,7 @@ def report(results: list[tuple[Result, Result]], concurrency: int) -> str:
     lines += [f"- {k}: {v}" for k, v in machine().items()]
     lines += [
         f"- {concurrency} requests in flight; fake and client in one process (the fake's own cost "
-        "is the same on both lines of a pair)",
+        "is the same on both lines of a pair); medians of 3 rounds alternating which side goes first",
         "",
         "| client | requests | req/s | p50 ms | p99 ms | bare aiohttp req/s | bare p50 ms | added p50 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -89,7 +89,15 @@ def test_terminal_states_have_no_exits_except_replay(status: Status) -> None:
 
 
 def test_terminal_set_is_what_the_worker_never_touches_again() -> None:
-    expected = {Status.SENT, Status.FAILED, Status.DEAD, Status.CANCELLED, Status.SKIPPED}
+    expected = {
+        Status.SENT,
+        Status.FAILED,
+        Status.DEAD,
+        Status.CANCELLED,
+        Status.SKIPPED,
+        Status.DIGESTED,
+        Status.EXPIRED,
+    }
     assert set(TERMINAL) == expected
 
 
@@ -138,4 +146,7 @@ def test_statuses_match_the_database_column_values() -> None:
         "dead",
         "cancelled",
         "skipped",
+        "held",
+        "digested",
+        "expired",
     }

@@ -422,3 +422,14 @@ async def test_error_summary_groups_errors(conn: asyncpg.Connection) -> None:
     rows = await conn.fetch("SELECT * FROM pgnotify.error_summary")
     assert len(rows) == 1
     assert (rows[0]["occurrences"], rows[0]["notifications"], rows[0]["dead"]) == (3, 1, 1)
+
+
+async def test_the_status_enum_is_the_database_check_constraint(conn: asyncpg.Connection) -> None:
+    from pgnotify_worker.core.state import Status
+
+    definition = await conn.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'notifications_status_is_known'"
+    )
+    import re
+
+    assert set(re.findall(r"'([a-z_]+)'::text", definition)) == {s.value for s in Status}

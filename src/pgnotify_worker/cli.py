@@ -196,7 +196,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, default=str, indent=2))
         return 0
-    columns = ("channel", "ready", "scheduled", "processing", "retrying", "dead", "failed")
+    columns = ("channel", "ready", "scheduled", "processing", "retrying", "held", "dead", "failed")
     print(" ".join(f"{c:>10}" for c in columns) + "  oldest ready")
     for row in report["queue"]:
         print(

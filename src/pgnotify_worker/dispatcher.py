@@ -19,7 +19,7 @@ from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.preferences import Decision, Facts, Send, decide
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
-from pgnotify_worker.core.state import Resolution, Status, decision_resolution, resolve
+from pgnotify_worker.core.state import Event, Resolution, Status, decision_resolution, resolve
 from pgnotify_worker.core.templates import Renderer, TemplateParts, build_context
 from pgnotify_worker.errors import TemplateError
 from pgnotify_worker.models import (
@@ -35,12 +35,25 @@ from pgnotify_worker.ports import Provider
 
 log = logging.getLogger(__name__)
 
+# Expected decisions are not errors: a retry warns, a hold or deferral is routine.
+LOG_LEVEL = {
+    Event.RETRY_SCHEDULED: logging.WARNING,
+    Event.HELD: logging.DEBUG,
+    Event.DEFERRED: logging.DEBUG,
+    Event.SKIPPED: logging.INFO,
+    Event.EXPIRED: logging.INFO,
+}
+
+# The outcome label of pgnotify_notifications_total, by the event an attempt ends with.
 OUTCOME_LABEL = {
-    Status.SENT: "sent",
-    Status.SCHEDULED: "retry",
-    Status.FAILED: "failed",
-    Status.DEAD: "dead",
-    Status.SKIPPED: "skipped",
+    Event.SENT: "sent",
+    Event.RETRY_SCHEDULED: "retry",
+    Event.FAILED: "failed",
+    Event.DEAD: "dead",
+    Event.SKIPPED: "skipped",
+    Event.HELD: "held",
+    Event.DEFERRED: "deferred",
+    Event.EXPIRED: "expired",
 }
 
 
@@ -217,7 +230,8 @@ class Dispatcher:
         if not isinstance(unsubscribe, str) and self.unsubscribe_url and n.user_id is not None:
             unsubscribe = self.unsubscribe_url(n.user_id, n.category)
         extra = {"unsubscribe_url": unsubscribe} if isinstance(unsubscribe, str) else None
-        rendered = self.renderer.render(parts, build_context(n.payload, extra))
+        layouts = await self._layouts(parts, n.channel, n.locale)
+        rendered = self.renderer.render(parts, build_context(n.payload, extra), layouts)
         message = RenderedMessage(
             notification_id=n.id,
             idempotency_key=n.idempotency_key,
@@ -236,6 +250,31 @@ class Dispatcher:
             unsubscribe_url=unsubscribe if isinstance(unsubscribe, str) else None,
         )
         return message, version
+
+    async def _layouts(
+        self, parts: TemplateParts, channel: str, locale: str | None
+    ) -> dict[tuple[str, bool], str]:
+        """The stored templates a body or HTML body extends or includes, and theirs in turn."""
+        found: dict[tuple[str, bool], str] = {}
+        todo = [(source, html) for source, html in ((parts.body, False), (parts.html_body, True))]
+        for _ in range(5):  # layouts of layouts, a few levels deep
+            wanted = {
+                (name, html)
+                for source, html in todo
+                if source
+                for name in self.renderer.references(source, html=html)
+                if (name, html) not in found
+            }
+            if not wanted:
+                break
+            todo = []
+            for name, html in wanted:
+                row = await self.templates.get(name, channel, locale)
+                source = (row.html_body if html else row.body) if row else None
+                if source is not None:
+                    found[(name, html)] = source
+                    todo.append((source, html))
+        return found
 
     # --- sending --------------------------------------------------------------------------------
 
@@ -449,7 +488,7 @@ class Dispatcher:
                 hold=resolution.hold,
             ),
             channel=n.channel,
-            outcome=OUTCOME_LABEL[resolution.status],
+            outcome=OUTCOME_LABEL[resolution.event],
             provider=provider_name,
             e2e_seconds=e2e,
         )
@@ -472,13 +511,15 @@ class Dispatcher:
                     },
                 )
             return
-        level = logging.WARNING if resolution.status is Status.SCHEDULED else logging.ERROR
+        level = LOG_LEVEL.get(resolution.event, logging.ERROR)
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             "notification %s attempt %s: %s -> %s",
             n.id,
             n.attempt,
-            resolution.error,
+            resolution.error or resolution.event.value,
             resolution.status.value,
             extra={
                 "action": resolution.event.value,

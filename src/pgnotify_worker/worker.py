@@ -376,7 +376,7 @@ class Worker:
             self.metrics.child(self.metrics.notifications, d.channel, d.provider, d.outcome).inc()
             if d.e2e_seconds is not None:
                 self.metrics.child(self.metrics.end_to_end, d.channel).observe(d.e2e_seconds)
-            retry_scheduled = retry_scheduled or d.outcome == "retry"
+            retry_scheduled = retry_scheduled or d.outcome in ("retry", "deferred")
         if retry_scheduled:
             self._schedule_wake.set()
         async with self.progress:

@@ -37,7 +37,7 @@ E2E_BUCKETS = (
     900,
     3600,
 )
-QUEUE_STATES = ("ready", "scheduled", "processing", "retrying", "dead", "failed")
+QUEUE_STATES = ("ready", "scheduled", "processing", "retrying", "dead", "failed", "held")
 
 
 class Metrics:
@@ -75,7 +75,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "pgnotify_queue_depth",
-            "Rows per channel and state (ready, scheduled, processing, retrying, dead, failed).",
+            "Rows per channel and state: ready, scheduled, processing, retrying, dead, failed, "
+            "held (for a digest).",
             ["channel", "state"],
             registry=r,
         )

@@ -179,7 +179,7 @@ LIMIT 1
 
 # queue_status: per-channel counts for gauges and /status.
 QUEUE_STATUS = """
-SELECT channel, ready, scheduled, processing, retrying, dead, failed, oldest_ready_seconds
+SELECT channel, ready, scheduled, processing, retrying, dead, failed, held, oldest_ready_seconds
 FROM pgnotify.queue_status
 """
 

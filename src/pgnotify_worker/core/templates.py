@@ -6,11 +6,13 @@ import contextvars
 import functools
 import re
 import string
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import markupsafe
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
@@ -60,6 +62,20 @@ class _Budget:
 
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("pgnotify_template_budget")
+_LAYOUTS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "pgnotify_template_layouts", default=types.MappingProxyType({})
+)
+
+
+def _load_layout(name: str) -> tuple[str, None, Callable[[], bool]] | None:
+    """Layouts a template extends or includes: only those the render was given (from the
+    templates table), never files."""
+    source = _LAYOUTS.get().get(name)
+    if source is None:
+        return None
+    return source, None, lambda: _LAYOUTS.get().get(name) == source
+
+
 _MAX_OUTPUT: contextvars.ContextVar[int] = contextvars.ContextVar("pgnotify_max_output")
 
 
@@ -203,11 +219,17 @@ class _Environment(ImmutableSandboxedEnvironment):
             undefined=jinja2.StrictUndefined,
             autoescape=autoescape,
             keep_trailing_newline=True,
-            auto_reload=False,
-            cache_size=0,  # we cache compiled templates ourselves
+            loader=jinja2.FunctionLoader(_load_layout),
+            auto_reload=True,  # a cached layout is checked against the current source
+            cache_size=64,  # layouts only: our own sources are cached by Renderer
         )
         self.globals = {"range": self.globals["range"], TICK_FN: _tick, CONCAT_FN: _concat}
         _guard_filters(self.filters)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Every tree, ours and loaded layouts alike, gets the loop and concatenation limits."""
+        tree: nodes.Template = _Limits().visit(super()._parse(source, name, filename))
+        return tree
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -271,8 +293,7 @@ class Renderer:
 
     def _compile_uncached(self, source: str, html: bool) -> jinja2.Template:
         env = self._envs[html]
-        tree = _Limits().visit(env.parse(source))
-        code = env.compile(tree)
+        code = env.compile(env.parse(source))
         return env.template_class.from_code(env, code, env.make_globals(None), None)
 
     def compile(self, source: str, *, html: bool = False, part: str = "body") -> jinja2.Template:
@@ -292,11 +313,30 @@ class Renderer:
         except RecursionError:
             raise TemplateError("template_limit", f"{part} template is nested too deeply") from None
 
-    def render_one(self, source: str, context: Mapping[str, Any], *, html: bool, part: str) -> str:
+    def references(self, source: str, *, html: bool) -> set[str]:
+        """Names a source extends, includes or imports (they must be fetched before rendering)."""
+        if "{%" not in source or not any(w in source for w in ("extends", "include", "import")):
+            return set()
+        try:
+            ast = self._envs[html].parse(source)
+        except (jinja2.TemplateSyntaxError, RecursionError):
+            return set()  # render_one reports the syntax error
+        return {name for name in jinja2.meta.find_referenced_templates(ast) if name is not None}
+
+    def render_one(
+        self,
+        source: str,
+        context: Mapping[str, Any],
+        *,
+        html: bool,
+        part: str,
+        layouts: Mapping[str, str] | None = None,
+    ) -> str:
         """Render one source with the loop budget and the output cap."""
         template = self.compile(source, html=html, part=part)
         token = _BUDGET.set(_Budget(self.loop_budget))
         cap = _MAX_OUTPUT.set(self.max_output)
+        shelf = _LAYOUTS.set(layouts or {})
         chunks: list[str] = []
         size = 0
         try:
@@ -313,6 +353,15 @@ class Renderer:
             raise TemplateError("template_variable", f"{part}: {_undefined_message(exc)}") from None
         except SecurityError as exc:
             raise TemplateError("template_unsafe", f"{part}: the sandbox refused: {exc}") from None
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(
+                "template_missing", f"{part}: layout {exc.name!r} is not in pgnotify.templates"
+            ) from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                "template_syntax",
+                f"{part}: layout syntax error at line {exc.lineno}: {exc.message}",
+            ) from None
         except RecursionError:
             raise TemplateError("template_limit", f"{part}: recursion too deep") from None
         except Exception as exc:  # a template may raise anything (ZeroDivisionError, TypeError...)
@@ -320,10 +369,20 @@ class Renderer:
         finally:
             _BUDGET.reset(token)
             _MAX_OUTPUT.reset(cap)
+            _LAYOUTS.reset(shelf)
         return "".join(chunks)
 
-    def render(self, parts: TemplateParts, context: Mapping[str, Any]) -> Rendered:
-        """Render subject, text and HTML; a subject may not contain line breaks."""
+    def render(
+        self,
+        parts: TemplateParts,
+        context: Mapping[str, Any],
+        layouts: Mapping[tuple[str, bool], str] | None = None,
+    ) -> Rendered:
+        """Render subject, text and HTML; a subject may not contain line breaks. `layouts` maps
+        (name, html) to the source a part may extend or include."""
+        layouts = layouts or {}
+        text_layouts = {name: src for (name, is_html), src in layouts.items() if not is_html}
+        html_layouts = {name: src for (name, is_html), src in layouts.items() if is_html}
         subject = text = html = None
         if parts.subject is not None:
             subject = self.render_one(parts.subject, context, html=False, part="subject").strip()
@@ -332,9 +391,13 @@ class Renderer:
                     "template_header", "subject: rendered subject contains a line break"
                 )
         if parts.body is not None:
-            text = self.render_one(parts.body, context, html=False, part="body")
+            text = self.render_one(
+                parts.body, context, html=False, part="body", layouts=text_layouts
+            )
         if parts.html_body is not None:
-            html = self.render_one(parts.html_body, context, html=True, part="html_body")
+            html = self.render_one(
+                parts.html_body, context, html=True, part="html_body", layouts=html_layouts
+            )
         return Rendered(subject, text, html)
 
 

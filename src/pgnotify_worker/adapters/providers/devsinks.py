@@ -68,6 +68,7 @@ class FileProvider:
                 "html": message.html,
                 "data": message.data,
                 "attempt": message.attempt,
+                "unsubscribe_url": message.unsubscribe_url,
             },
             ensure_ascii=False,
         )

@@ -198,7 +198,7 @@ async def run(count: int, concurrency: int) -> list[tuple[Result, Result]]:
         try:
             fcm = FcmProvider(json.dumps(fake_fcm.service_account), base_url=fake_fcm.url)
             await fcm.start()
-            token = await fcm.tokens.get(fcm._session)  # type: ignore[arg-type]
+            token = await fcm.tokens.get(fcm.session)
             results.append(
                 await pair(
                     "fcm",

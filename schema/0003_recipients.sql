@@ -218,6 +218,23 @@ CREATE TRIGGER notifications_expiry BEFORE INSERT ON pgnotify.notifications
     FOR EACH ROW WHEN (NEW.category IS NOT NULL AND NEW.expires_at IS NULL)
     EXECUTE FUNCTION pgnotify.default_expiry();
 
+-- address_of(): how a user is reached on a channel (NULL: not at all). The one place that says it.
+CREATE FUNCTION pgnotify.address_of(p_user text, p_channel text) RETURNS text
+LANGUAGE sql STABLE AS $fn$
+    SELECT CASE p_channel
+        WHEN 'email' THEN (SELECT c.email FROM pgnotify.contacts c WHERE c.user_id = p_user)
+        WHEN 'sms' THEN (SELECT c.phone FROM pgnotify.contacts c WHERE c.user_id = p_user)
+        WHEN 'webhook' THEN (SELECT c.webhook_url FROM pgnotify.contacts c WHERE c.user_id = p_user)
+        WHEN 'inapp' THEN p_user
+        WHEN 'push' THEN CASE WHEN EXISTS (
+                SELECT 1 FROM pgnotify.devices d WHERE d.user_id = p_user AND d.active)
+            THEN 'user:' || p_user END
+    END;
+$fn$;
+COMMENT ON FUNCTION pgnotify.address_of IS
+    'The recipient a user has on a channel: email, phone, webhook URL, their id (in-app), or '
+    'user:<id> when they have an active push device; NULL when they cannot be reached there.';
+
 -------------------------------------------------------------------------------------------------
 -- notify_user(): one notification per channel the user can be reached on and has not turned
 -- off, sharing a group id; nothing for channels without an address or a template. One INSERT,
@@ -247,20 +264,10 @@ BEGIN
                (SELECT c.channels FROM pgnotify.categories c WHERE c.name = notify_user.category),
                ARRAY['email', 'sms', 'push', 'inapp'])) AS channel
     ), reachable AS (
-        SELECT w.channel,
-               CASE w.channel
-                   WHEN 'email' THEN ct.email
-                   WHEN 'sms' THEN ct.phone
-                   WHEN 'webhook' THEN ct.webhook_url
-                   WHEN 'inapp' THEN notify_user.user_id
-                   WHEN 'push' THEN CASE WHEN EXISTS (
-                           SELECT 1 FROM pgnotify.devices d
-                           WHERE d.user_id = notify_user.user_id AND d.active)
-                       THEN 'user:' || notify_user.user_id END
-               END AS recipient,
-               ct.locale
+        SELECT w.channel, pgnotify.address_of(notify_user.user_id, w.channel) AS recipient,
+               (SELECT ct.locale FROM pgnotify.contacts ct WHERE ct.user_id = notify_user.user_id)
+                   AS locale
         FROM wanted w
-        LEFT JOIN pgnotify.contacts ct ON ct.user_id = notify_user.user_id
     )
     , made AS (
         INSERT INTO pgnotify.notifications AS n (channel, recipient, user_id, category, template,

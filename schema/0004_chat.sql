@@ -64,23 +64,12 @@ BEGIN
                           WHERE muted.room_id = m.room_id AND muted.user_id = om.user_id
                             AND muted.muted)
     ), targets AS (
-        SELECT rc.*, ch.channel,
-               CASE ch.channel
-                   WHEN 'email' THEN ct.email
-                   WHEN 'sms' THEN ct.phone
-                   WHEN 'inapp' THEN rc.user_id
-                   WHEN 'push' THEN CASE WHEN EXISTS (
-                           SELECT 1 FROM pgnotify.devices d
-                           WHERE d.user_id = rc.user_id AND d.active)
-                       THEN 'user:' || rc.user_id END
-                   WHEN 'webhook' THEN ct.webhook_url
-               END AS recipient,
-               ct.locale
+        SELECT rc.*, ch.channel, pgnotify.address_of(rc.user_id, ch.channel) AS recipient,
+               (SELECT ct.locale FROM pgnotify.contacts ct WHERE ct.user_id = rc.user_id) AS locale
         FROM recipients rc
         CROSS JOIN LATERAL unnest(coalesce(
             (SELECT c.channels FROM pgnotify.categories c WHERE c.name = 'chat'),
             ARRAY['inapp', 'push', 'email'])) AS ch(channel)
-        LEFT JOIN pgnotify.contacts ct ON ct.user_id = rc.user_id
         WHERE rc.user_id <> rc.author_id
     )
     INSERT INTO pgnotify.notifications (channel, recipient, user_id, category, template, subject,

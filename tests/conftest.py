@@ -82,38 +82,40 @@ def template_db(pg_server: PgServer) -> str:
     return TEMPLATE_DB
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(
+    server: PgServer, prefix: str, template: str | None
+) -> AsyncIterator[str]:
+    """A database for one test (a copy of `template`, or empty), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    admin = await _admin(server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+    finally:
+        await admin.close()
+    try:
+        yield server.dsn(name)
+    finally:
+        admin = await _admin(server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
 @pytest.fixture
 async def dsn(pg_server: PgServer, template_db: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test only."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    yield pg_server.dsn(name)
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(pg_server, "t", template_db) as url:
+        yield url
 
 
 @pytest.fixture
 async def empty_dsn(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh database with no schema at all."""
-    name = f"e_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield pg_server.dsn(name)
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(pg_server, "e", None) as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenError, TokenSource
 from pgnotify_worker.core.classify import classify_fcm
@@ -43,7 +41,7 @@ def fcm_error(body: dict[str, Any]) -> tuple[str | None, str]:
     return code, str(error.get("message", ""))[:300]
 
 
-class FcmProvider:
+class FcmProvider(http.HttpProvider):
     """https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages/send"""
 
     name = "fcm"
@@ -61,20 +59,11 @@ class FcmProvider:
         account = ServiceAccount.load(service_account)
         self.tokens = TokenSource(account)
         self.url = f"{base_url.rstrip('/')}/v1/projects/{account.project_id}/messages:send"
-        self.timeout = timeout
-        self.now = now
-        self._session: aiohttp.ClientSession | None = None
+        super().__init__(timeout, now)
 
     def handles(self, recipient: str) -> bool:
         """FCM registration tokens; browser subscriptions (JSON) go to webpush."""
         return not recipient.startswith("{")
-
-    async def start(self) -> None:
-        self._session = http.make_session(self.timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         """{"message": {...}} for one device token."""
@@ -92,19 +81,17 @@ class FcmProvider:
         return {"message": body}
 
     async def _post(self, data: bytes, token: str) -> http.HttpAnswer:
-        assert self._session is not None, "start() first"
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        return await http.request(self._session, "POST", self.url, data=data, headers=headers)
+        return await http.request(self.session, "POST", self.url, data=data, headers=headers)
 
     async def send(self, message: RenderedMessage) -> Outcome:
-        assert self._session is not None, "start() first"
         data = json.dumps(self.body(message)).encode()
         try:
-            token = await self.tokens.get(self._session)
+            token = await self.tokens.get(self.session)
             answer = await self._post(data, token)
             if answer.status == 401 and fcm_error(http.json_body(answer))[0] is None:
                 # an expired or revoked access token: renew once, then try again
-                token = await self.tokens.get(self._session, stale=token)
+                token = await self.tokens.get(self.session, stale=token)
                 answer = await self._post(data, token)
         except TokenError as exc:
             return Retryable("fcm_token", f"fcm: {exc}", None, trip=exc.refused)

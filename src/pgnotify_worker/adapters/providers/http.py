@@ -51,6 +51,32 @@ def make_session(
     )
 
 
+class HttpProvider:
+    """What every HTTP provider shares: one session with timeouts, opened by start(), closed by
+    close(), and the wall clock (for Retry-After dates only)."""
+
+    def __init__(
+        self, timeout: float, now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    ) -> None:
+        self.timeout = timeout
+        self.now = now
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The open session (start() first)."""
+        assert self._session is not None, "start() first"
+        return self._session
+
+    async def start(self) -> None:
+        self._session = make_session(self.timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 async def post(
     session: aiohttp.ClientSession,
     url: str | URL,

@@ -7,8 +7,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
     format_sender,
@@ -21,7 +19,7 @@ from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, RenderedMessage, Sent
 
 
-class ResendProvider:
+class ResendProvider(http.HttpProvider):
     """https://resend.com/docs/api-reference/emails/send-email"""
 
     name = "resend"
@@ -40,16 +38,7 @@ class ResendProvider:
         self.sender = format_sender(*parse_sender(sender, "resend"))
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.url = base_url.rstrip("/") + "/emails"
-        self.timeout = timeout
-        self.now = now
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = http.make_session(self.timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        super().__init__(timeout, now)
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         """The JSON of POST /emails."""
@@ -69,14 +58,13 @@ class ResendProvider:
         return body
 
     async def send(self, message: RenderedMessage) -> Outcome:
-        assert self._session is not None, "start() first"
         problem = missing_content(message)
         if problem:
             return problem
         headers = {**self._headers, "Idempotency-Key": message.idempotency_key}
         data = json.dumps(self.body(message)).encode()
         try:
-            answer = await http.request(self._session, "POST", self.url, data=data, headers=headers)
+            answer = await http.request(self.session, "POST", self.url, data=data, headers=headers)
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "resend")  # retried with the same key: safe
         found = http.json_body(answer)

@@ -7,8 +7,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
     missing_content,
@@ -20,7 +18,7 @@ from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, RenderedMessage
 
 
-class SendGridProvider:
+class SendGridProvider(http.HttpProvider):
     """https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send
 
     SendGrid has no idempotency key: a retry after a timeout may deliver twice. The
@@ -47,16 +45,7 @@ class SendGridProvider:
             "Accept": "application/json",
         }
         self.url = base_url.rstrip("/") + "/v3/mail/send"
-        self.timeout = timeout
-        self.now = now
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = http.make_session(self.timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        super().__init__(timeout, now)
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         """The JSON of POST /v3/mail/send; text/plain must come before text/html."""
@@ -87,14 +76,13 @@ class SendGridProvider:
         return body
 
     async def send(self, message: RenderedMessage) -> Outcome:
-        assert self._session is not None, "start() first"
         problem = missing_content(message)
         if problem:
             return problem
         data = json.dumps(self.body(message)).encode()
         try:
             answer = await http.request(
-                self._session, "POST", self.url, data=data, headers=self._headers
+                self.session, "POST", self.url, data=data, headers=self._headers
             )
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "sendgrid")

@@ -6,8 +6,6 @@ import base64
 import datetime as dt
 from collections.abc import Callable
 
-import aiohttp
-
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.core.addresses import to_e164
 from pgnotify_worker.core.classify import classify_twilio
@@ -15,7 +13,7 @@ from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
 
 
-class TwilioProvider:
+class TwilioProvider(http.HttpProvider):
     """https://www.twilio.com/docs/messaging/api/message-resource#create-a-message-resource
 
     Twilio has no idempotency key for sends: a retry after a timeout may deliver twice."""
@@ -53,16 +51,7 @@ class TwilioProvider:
         self.region = region.upper()
         self.status_callback = status_callback
         self.url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
-        self.timeout = timeout
-        self.now = now
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = http.make_session(self.timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        super().__init__(timeout, now)
 
     def form(self, message: RenderedMessage, number: str) -> dict[str, str]:
         """The form fields of one message."""
@@ -72,7 +61,6 @@ class TwilioProvider:
         return form
 
     async def send(self, message: RenderedMessage) -> Outcome:
-        assert self._session is not None, "start() first"
         number = to_e164(message.recipient, self.region)
         if number is None:
             return Permanent(
@@ -83,7 +71,7 @@ class TwilioProvider:
             return Permanent("no_content", "an SMS needs a body")
         try:
             answer = await http.request(
-                self._session,
+                self.session,
                 "POST",
                 self.url,
                 data=self.form(message, number),

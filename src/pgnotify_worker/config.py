@@ -161,6 +161,11 @@ class Settings(BaseSettings):
         1, ge=1, le=7, description="Day of the weekly digest (ISO: 1 = Monday ... 7 = Sunday)."
     )
     jobs: bool = Field(True, description="Run periodic jobs (pgnotify.jobs) in this replica.")
+    tracing: bool = Field(
+        True,
+        description="OpenTelemetry spans per claim and per send (when the tracing extra is "
+        "installed; configure the SDK/exporter with OTEL_* variables).",
+    )
     alert_recipients: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Who hears of a job failing three runs in a row: channel:address pairs, "

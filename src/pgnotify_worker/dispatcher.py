@@ -32,6 +32,7 @@ from pgnotify_worker.models import (
     Skipped,
 )
 from pgnotify_worker.ports import Provider
+from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         sms_region: str = "US",
         unsubscribe_url: Callable[[str, str | None], str] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.channels = channels
         self.templates = templates
@@ -141,6 +143,7 @@ class Dispatcher:
         self.clock = clock
         self.sms_region = sms_region
         self.unsubscribe_url = unsubscribe_url
+        self.tracing = tracing or Tracing(enabled=False)
         self._facts: dict[int, Any] = {}  # prefetched per claim batch, consumed by deliver()
 
     # --- circuits: what the claim loop may take -------------------------------------------------
@@ -423,6 +426,12 @@ class Dispatcher:
 
     async def deliver(self, n: Notification) -> Delivery:
         """Render, send, classify; the result is ready for the batched write-back."""
+        with self.tracing.send(n) as span:
+            delivery = await self._deliver(n)
+            self.tracing.annotate(span, outcome=delivery.outcome, provider=delivery.provider)
+        return delivery
+
+    async def _deliver(self, n: Notification) -> Delivery:
         started = time.perf_counter()
         try:
             verdict = await self.decision(n)

@@ -33,6 +33,7 @@ class Notification:
     claimed_at: dt.datetime  # database time of the claim
     expires_at: dt.datetime | None = None
     digest_of: str | None = None  # a digest notification: daily | weekly
+    traceparent: str | None = None  # the producer's W3C trace context
 
     @property
     def idempotency_key(self) -> str:

@@ -28,6 +28,7 @@ from pgnotify_worker.core.unsubscribe import make_token
 from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
 from pgnotify_worker.errors import ConfigError
 from pgnotify_worker.jobs import JobRunner
+from pgnotify_worker.tracing import Tracing
 from pgnotify_worker.worker import Health, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class Service:
 
             templates = TemplateStore(store)
             metrics = self.metrics
+            tracing = Tracing(enabled=s.tracing)
             dispatcher = Dispatcher(
                 self.providers,
                 templates,
@@ -202,6 +204,7 @@ class Service:
                 on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
                 sms_region=s.sms_default_region,
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
+                tracing=tracing,
             )
             enabled = {
                 channel: s.concurrency_for(channel)
@@ -222,6 +225,7 @@ class Service:
                     grace_period=s.grace_period,
                     queue_metrics_interval=s.queue_metrics_interval,
                 ),
+                tracing,
             )
             self.worker = worker
             if self._stop_requested.is_set():

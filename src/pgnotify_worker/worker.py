@@ -25,6 +25,7 @@ from pgnotify_worker.models import (
     WakeChannel,
     WakeScheduled,
 )
+from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 COMPLETE_BATCH = 500
@@ -97,6 +98,7 @@ class Worker:
         health: Health,
         channels: dict[str, int],
         config: WorkerSettings,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
@@ -104,6 +106,7 @@ class Worker:
         self.metrics = metrics
         self.health = health
         self.config = config
+        self.tracing = tracing or Tracing(enabled=False)
         self.channels = {name: ChannelState(name, limit) for name, limit in channels.items()}
         self.held: dict[int, int] = {}  # claimed, outcome not yet written: id -> attempt
         self.progress = asyncio.Condition()  # notified after every write-back (tests await it)
@@ -275,7 +278,9 @@ class Worker:
                         state.want_more = True
                     break
                 try:
-                    rows = await self.store.claim(state.name, take, self.config.lease_seconds)
+                    with self.tracing.claim(state.name) as span:
+                        rows = await self.store.claim(state.name, take, self.config.lease_seconds)
+                        self.tracing.annotate(span, rows=len(rows))
                 except Exception as exc:  # a loop outlives any failure
                     self._db_failed("claim", exc)
                     await self._sleep(backoff * (0.5 + random.random()))

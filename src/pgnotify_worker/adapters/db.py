@@ -123,6 +123,7 @@ class QueueStore:
                 claimed_at=r["claimed_at"],
                 expires_at=r["expires_at"],
                 digest_of=r["digest_of"],
+                traceparent=r["traceparent"],
             )
             for r in rows
         ]

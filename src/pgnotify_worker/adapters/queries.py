@@ -20,7 +20,8 @@ WITH ready AS (
     FROM ready WHERE n.id = ready.id
     RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
            n.template, n.subject, n.body, n.html_body, n.locale, n.payload, n.priority,
-           n.attempts, n.max_attempts, n.created_at, n.run_at, n.expires_at, n.digest_of
+           n.attempts, n.max_attempts, n.created_at, n.run_at, n.expires_at, n.digest_of,
+           n.traceparent
 ), logged AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
     SELECT id, 'claimed', attempts, $3 FROM claimed

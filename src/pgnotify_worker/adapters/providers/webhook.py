@@ -19,6 +19,7 @@ from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.core import netguard, signing
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
+from pgnotify_worker.tracing import inject
 
 _COMPACT = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False
@@ -141,6 +142,7 @@ class WebhookProvider:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": self.signer.sign(message.idempotency_key, timestamp, body),
         }
+        inject(headers)  # traceparent of the send span, when tracing
         return body, headers
 
     def _check_target(self, recipient: str) -> URL | Permanent:

@@ -4,27 +4,36 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench bench-smoke clean
+.PHONY: run test lint fmt bench bench-smoke clean node
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,tracing]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## start the worker (embedded PostgreSQL unless PGNOTIFY_DATABASE_URL is set)
 	PGNOTIFY_LOG_FORMAT=$${PGNOTIFY_LOG_FORMAT:-text} $(BIN)/pgnotify-worker run
 
-lint: $(STAMP)  ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+NODE_STAMP := examples/node/node_modules/.installed
+
+$(NODE_STAMP): examples/node/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix examples/node --no-audit --no-fund --silent && touch $(NODE_STAMP); \
+	 else echo "npm not found: the Node.js producer example is not tested"; fi
+
+node: $(NODE_STAMP)
+
+lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 fmt: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
-test: lint  ## lint, then the test suite against a throwaway PostgreSQL
+test: lint node  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients

@@ -64,9 +64,7 @@ async def produce(url: str, args: argparse.Namespace) -> dict[str, object]:
             payload = {"order_id": order_id, "customer": args.customer, "total_cents": args.total}
             # 2. The notification, in the same transaction: it exists only if the order does.
             #    (asyncpg sends jsonb as text unless a codec is set: hence json.dumps.)
-            notification_id = await conn.fetchval(
-                ENQUEUE, args.recipient, json.dumps(payload), key
-            )
+            notification_id = await conn.fetchval(ENQUEUE, args.recipient, json.dumps(payload), key)
         except BaseException:
             await tx.rollback()
             raise

@@ -28,6 +28,7 @@ lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and ale
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/python deploy/check.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff format src tests bench examples

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,23 +80,24 @@ class JobRunner:
     async def _execute(
         conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, command: str, limit: int
     ) -> tuple[str, int | None, str | None]:
-        """Run one job command; (status, rows affected, error)."""
-        started = time.monotonic()
+        """Run one job command; (status, rows affected, error).
+
+        A statement runs in its own transaction with a transaction-local statement_timeout (safe
+        behind a transaction pooler). A procedure (CALL) commits per batch, so it cannot run
+        inside a transaction: it gets no timeout of ours and bounds itself by its batches."""
         try:
-            await conn.execute("SELECT set_config('statement_timeout', $1, false)", f"{limit}s")
-            if command.lstrip()[:6].lower() == "select":
-                value: Any = await conn.fetchval(command)
-                rows = value if isinstance(value, int) and not isinstance(value, bool) else None
-            else:
+            if command.lstrip()[:4].lower() == "call":
                 tag = await conn.execute(command)
-                last = tag.rsplit(" ", 1)[-1]
-                rows = int(last) if last.isdigit() else None
+                return "succeeded", _rows(tag), None
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{limit}s")
+                if command.lstrip()[:6].lower() == "select":
+                    value: Any = await conn.fetchval(command)
+                    is_count = isinstance(value, int) and not isinstance(value, bool)
+                    return "succeeded", value if is_count else None, None
+                return "succeeded", _rows(await conn.execute(command)), None
         except asyncpg.PostgresError as exc:
             return "failed", None, f"{exc.sqlstate}: {exc}"[:1000]
-        finally:
-            await conn.execute("SELECT set_config('statement_timeout', '0', false)")
-        log.debug("job command took %.3fs", time.monotonic() - started)
-        return "succeeded", rows, None
 
     async def run(self) -> None:
         """Until cancelled: run what is due, otherwise sleep until the next due time."""
@@ -122,3 +122,9 @@ class JobRunner:
         """Each job's schedule and last run, for /status."""
         async with self.pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(queries.JOBS_STATUS)]
+
+
+def _rows(tag: str) -> int | None:
+    """Rows affected from a command tag such as 'UPDATE 5' (None for 'CALL', 'REFRESH ...')."""
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else None

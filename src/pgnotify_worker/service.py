@@ -241,6 +241,7 @@ class Service:
                     ping_interval=s.listener_ping_interval,
                     connect_timeout=s.connect_timeout,
                     on_state_change=self._listener_changed,
+                    ping_via=lambda channel, token: pool.execute(queries.PING, channel, token),
                 )
                 self.health.listener = listener.state
                 background.append(listener.run)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ class Listener:
         ping_timeout: float = 5.0,
         connect_timeout: float = 10.0,
         on_state_change: Callable[[ListenerState], None] | None = None,
+        ping_via: Callable[[str, str], Awaitable[object]] | None = None,
     ) -> None:
         self.dsn = dsn
         self.on_wake = on_wake
@@ -59,6 +60,9 @@ class Listener:
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
         self.on_state_change = on_state_change or (lambda _state: None)
+        # The ping goes out on another connection (the pool), as a producer's NOTIFY would: a
+        # LISTEN that only hears its own connection (a transaction pooler in between) fails it.
+        self.ping_via = ping_via
         digest = hashlib.sha1(worker_id.encode(), usedforsecurity=False).hexdigest()[:16]
         self.ping_channel = f"pgnotify_ping_{digest}"
         self.state = ListenerState()
@@ -140,7 +144,10 @@ class Listener:
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.ping_timeout):
-                await conn.execute(queries.PING, self.ping_channel, token)
+                if self.ping_via is not None:
+                    await self.ping_via(self.ping_channel, token)
+                else:
+                    await conn.execute(queries.PING, self.ping_channel, token)
                 await waiter
         except TimeoutError:
             raise ListenerUnhealthy(

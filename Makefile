@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench bench-smoke clean node
+.PHONY: run test lint fmt bench bench-smoke clean node pgbouncer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ $(NODE_STAMP): examples/node/package-lock.json
 
 node: $(NODE_STAMP)
 
+# PgBouncer (transaction mode) for tests/test_pgbouncer.py: apt-get as root, else those tests skip.
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+pgbouncer:
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || \
+	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   ($(APT) pgbouncer || (apt-get update -qq && $(APT) pgbouncer)) >/dev/null 2>&1 \
+	   || echo "could not install pgbouncer: the PgBouncer tests are skipped"; \
+	 else echo "pgbouncer not found: the PgBouncer tests are skipped"; fi
+
 lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
@@ -34,7 +43,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests bench examples
 	$(BIN)/ruff check --fix src tests bench examples
 
-test: lint node  ## lint, then the test suite against a throwaway PostgreSQL
+test: lint node pgbouncer  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients

@@ -222,9 +222,16 @@ def test_settings(dsn: str, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, timeout: float = 15.0) -> AsyncIterator[Service]:
+async def running(
+    settings: Settings, timeout: float = 15.0, *, wait_listening: bool = True
+) -> AsyncIterator[Service]:
     """Run a Service in this event loop until the block ends, then stop it gracefully."""
-    service = Service(settings, settings.database_url.get_secret_value())  # type: ignore[union-attr]
+    listen = settings.listen_database_url
+    service = Service(
+        settings,
+        settings.database_url.get_secret_value(),  # type: ignore[union-attr]
+        listen.get_secret_value() if listen is not None else None,
+    )
     task = asyncio.create_task(service.run(install_signals=False))
     try:
         async with asyncio.timeout(timeout):
@@ -233,7 +240,7 @@ async def running(settings: Settings, timeout: float = 15.0) -> AsyncIterator[Se
             if task in done:
                 ready.cancel()
                 task.result()  # raises the start-up error
-        if settings.listen:
+        if settings.listen and wait_listening:
             async with asyncio.timeout(timeout):
                 await service.listening.wait()
         yield service

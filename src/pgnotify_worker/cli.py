@@ -114,8 +114,8 @@ def cmd_run(settings: Settings) -> int:
     return 0
 
 
-async def _with_conn(dsn: str, fn: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
+async def _with_conn(dsn: str, fn: Any, statement_cache_size: int = 100) -> Any:
+    conn = await asyncpg.connect(dsn, statement_cache_size=statement_cache_size)
     try:
         await db._init_connection(conn)
         return await fn(conn)
@@ -125,7 +125,7 @@ async def _with_conn(dsn: str, fn: Any) -> Any:
 
 def cmd_migrate(settings: Settings) -> int:
     with database(settings) as (dsn, _embedded):
-        applied = asyncio.run(_with_conn(dsn, migrate.migrate))
+        applied = asyncio.run(_with_conn(dsn, migrate.migrate, settings.statement_cache_size))
     if applied:
         print("applied migrations: " + ", ".join(f"{v:04d}" for v in applied))
     else:
@@ -179,7 +179,7 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         return value
 
     with database(settings) as (dsn, _embedded):
-        notification_id = asyncio.run(_with_conn(dsn, go))
+        notification_id = asyncio.run(_with_conn(dsn, go, settings.statement_cache_size))
     print(notification_id)
     return 0
 
@@ -192,7 +192,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return {"queue": queue, "recent_errors": errors}
 
     with database(settings) as (dsn, _embedded):
-        report = asyncio.run(_with_conn(dsn, go))
+        report = asyncio.run(_with_conn(dsn, go, settings.statement_cache_size))
     if args.json:
         print(json.dumps(report, default=str, indent=2))
         return 0
@@ -218,7 +218,7 @@ def cmd_cancel_or_retry(settings: Settings, args: argparse.Namespace, sql: str, 
         return done
 
     with database(settings) as (dsn, _embedded):
-        done = asyncio.run(_with_conn(dsn, go))
+        done = asyncio.run(_with_conn(dsn, go, settings.statement_cache_size))
     if done:
         print(f"notification {args.id} {verb}")
         return 0

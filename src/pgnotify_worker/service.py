@@ -95,7 +95,11 @@ class Service:
         delay = 0.5
         while not self._stop_requested.is_set():
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=self.settings.connect_timeout)
+                conn = await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.settings.connect_timeout,
+                    statement_cache_size=self.settings.statement_cache_size,
+                )
                 try:
                     if self.settings.migrate_on_start:
                         await migrate.migrate(conn)
@@ -239,6 +243,7 @@ class Service:
                     worker.on_wake,
                     worker.on_listener_connect,
                     ping_interval=s.listener_ping_interval,
+                    ping_timeout=min(5.0, max(1.0, 2 * s.listener_ping_interval)),
                     connect_timeout=s.connect_timeout,
                     on_state_change=self._listener_changed,
                     ping_via=lambda channel, token: pool.execute(queries.PING, channel, token),

@@ -150,8 +150,14 @@ class Listener:
                     await conn.execute(queries.PING, self.ping_channel, token)
                 await waiter
         except TimeoutError:
+            hint = (
+                " (a LISTEN through a transaction pooler hears nothing: point "
+                "PGNOTIFY_LISTEN_DATABASE_URL at the database directly or a session-mode pool)"
+                if self.ping_via is not None
+                else ""
+            )
             raise ListenerUnhealthy(
-                f"NOTIFY round trip took longer than {self.ping_timeout:.0f}s"
+                f"NOTIFY round trip took longer than {self.ping_timeout:g}s{hint}"
             ) from None
         finally:
             self._pongs.pop(token, None)

@@ -61,12 +61,22 @@ async def applied_version(conn: asyncpg.Connection) -> int:
 
 
 async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[int]:
-    """Apply what is missing; returns the versions applied. Safe with many callers at once."""
+    """Apply what is missing; returns the versions this call applied. Safe with many callers at
+    once, and through a transaction pooler: each file is one transaction that takes the migration
+    advisory lock (transaction-level, never a session lock) and skips itself, with a NOTICE, when
+    another caller applied it first."""
     migrations = migrations if migrations is not None else load_migrations()
     applied = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    skipped: list[str] = []
+
+    def on_notice(_conn: object, message: object) -> None:
+        text = str(getattr(message, "message", ""))
+        if text.endswith("is already applied"):
+            skipped.append(text)
+
+    current = await applied_version(conn)
+    conn.add_log_listener(on_notice)
     try:
-        current = await applied_version(conn)
         for migration in migrations:
             if migration.version <= current:
                 continue
@@ -76,10 +86,12 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                 migration.name,
                 extra={"action": "migrate", "version": migration.version},
             )
-            await conn.execute(migration.sql)  # the file holds its own BEGIN/COMMIT
-            applied.append(migration.version)
+            skipped.clear()
+            await conn.execute(migration.sql)  # the file holds its own BEGIN/COMMIT and lock
+            if not skipped:
+                applied.append(migration.version)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        conn.remove_log_listener(on_notice)
     return applied
 
 

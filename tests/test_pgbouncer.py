@@ -14,6 +14,7 @@ from pgnotify_worker.config import Settings
 from tests.conftest import PgServer, WebhookSink, running, wait_rows
 from tests.support.pgbouncer import PgBouncer, find_pgbouncer
 from tests.test_cli import ALL_VERSIONS, cli
+from tests.test_faults import fill
 
 
 @pytest.fixture
@@ -37,13 +38,7 @@ def via(bouncer: PgBouncer, dsn: str) -> str:
 async def enqueue(dsn: str, url: str, count: int) -> list[int]:
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
-        rows = await conn.fetch(
-            "SELECT pgnotify.enqueue('webhook', $1, payload => jsonb_build_object('n', n)) AS id "
-            "FROM generate_series(1, $2) n",
-            url,
-            count,
-        )
-        return [r["id"] for r in rows]
+        return await fill(conn, url, count)
     finally:
         await conn.close()
 

@@ -28,6 +28,7 @@ from pgnotify_worker.adapters.providers.resend import ResendProvider
 from pgnotify_worker.adapters.providers.sendgrid import SendGridProvider
 from pgnotify_worker.adapters.providers.smtp import Security, SmtpProvider
 from pgnotify_worker.adapters.providers.twilio import TwilioProvider
+from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
 from pgnotify_worker.core.retry import RetryPolicy
@@ -1216,3 +1217,26 @@ async def test_no_secret_in_logs_or_outcomes_fcm(
     ]
     assert fcm_fake.issued, "no access token was issued: the scenario did not run"
     assert_no_canary(caplog, outcomes, [*key_lines, *fcm_fake.issued])
+
+
+@pytest.mark.parametrize(
+    ("text", "content_type"),
+    [
+        ('{"text": "Order 7 shipped"}', "application/json"),
+        ('  [1, 2, {"a": null}]\n', "application/json"),
+        ("Order 7 shipped", "text/plain; charset=utf-8"),
+        ('{"text": "cut short', "text/plain; charset=utf-8"),  # looks like JSON, is not
+        ('"a JSON string is sent as text"', "text/plain; charset=utf-8"),
+        ("", "text/plain; charset=utf-8"),
+    ],
+)
+def test_a_rendered_webhook_body_is_labelled_json_only_when_it_is_a_document(
+    text: str, content_type: str
+) -> None:
+    provider = WebhookProvider("whsec_" + base64.b64encode(b"k" * 24).decode())
+    message = RenderedMessage(
+        1, "pgn_1", "webhook", "https://example.com/hook", None, text, None, {}
+    )
+    body, headers = provider.build(message, 1_700_000_000)
+    assert body == text.encode()
+    assert headers["Content-Type"] == content_type

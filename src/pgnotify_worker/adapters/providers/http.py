@@ -108,7 +108,10 @@ async def request(
 
 
 def json_body(answer: HttpAnswer) -> dict[str, Any]:
-    """The answer as a JSON object, or {} when it is not one (gateways send HTML)."""
+    """The answer as a JSON object, or {} when it is not one (gateways send HTML; a 202 sends
+    nothing, and raising a JSONDecodeError for that on every send costs more than the check)."""
+    if answer.body.lstrip()[:1] != b"{":
+        return {}
     try:
         value = json.loads(answer.body)
     except ValueError:

@@ -178,7 +178,7 @@ async def run(count: int, concurrency: int) -> list[tuple[Result, Result]]:
         async with FakeTwilio(sid, "bench-token") as fake:
             twilio = TwilioProvider(sid, "bench-token", sender="+14155550100", base_url=fake.url)
             await twilio.start()
-            auth = aiohttp.BasicAuth(sid, "bench-token")
+            basic = "Basic " + base64.b64encode(f"{sid}:bench-token".encode()).decode()
             results.append(
                 await pair(
                     "twilio",
@@ -188,7 +188,7 @@ async def run(count: int, concurrency: int) -> list[tuple[Result, Result]]:
                     lambda i: post(
                         twilio.url,
                         data={"To": "+14155550123", "From": "+14155550100", "Body": f"Order {i}"},
-                        auth=auth,
+                        headers={"Authorization": basic},
                     ),
                 )
             )

@@ -97,11 +97,10 @@ async def request(
     *,
     data: bytes | dict[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
-    auth: aiohttp.BasicAuth | None = None,
 ) -> HttpAnswer:
     """Any request, no redirects followed; at most MAX_RESPONSE_BYTES of the answer are read."""
     async with session.request(
-        method, url, data=data, headers=headers, auth=auth, allow_redirects=False
+        method, url, data=data, headers=headers, allow_redirects=False
     ) as response:
         body = await response.content.read(MAX_RESPONSE_BYTES)
         return HttpAnswer(response.status, response.headers, body)

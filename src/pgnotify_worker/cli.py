@@ -158,7 +158,7 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     async def go(conn: asyncpg.Connection) -> int:
         when = run_at
         if args.delay is not None:
-            when = await conn.fetchval("SELECT now() + make_interval(secs => $1)", args.delay)
+            when = await conn.fetchval(queries.IN_SECONDS, args.delay)
         value: int = await conn.fetchval(
             queries.ENQUEUE,
             args.channel,

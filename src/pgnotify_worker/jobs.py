@@ -12,7 +12,8 @@ import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.db import DB_ERRORS
-from pgnotify_worker.core.cron import ScheduleError, next_run
+from pgnotify_worker.core.cron import next_run
+from pgnotify_worker.errors import ScheduleError
 
 log = logging.getLogger(__name__)
 ALERT_AFTER = 3  # failed runs in a row
@@ -90,7 +91,7 @@ class JobRunner:
                 tag = await conn.execute(command)
                 return "succeeded", _rows(tag), None
             async with conn.transaction():
-                await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{limit}s")
+                await conn.execute(queries.STATEMENT_TIMEOUT, f"{limit}s")
                 if command.lstrip()[:6].lower() == "select":
                     value: Any = await conn.fetchval(command)
                     is_count = isinstance(value, int) and not isinstance(value, bool)

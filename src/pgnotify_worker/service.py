@@ -16,20 +16,23 @@ import asyncpg
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
-from pgnotify_worker.adapters.listener import Listener, ListenerState
+from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
-from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
+from pgnotify_worker.adapters.providers.registry import build_providers
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
-from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
+from pgnotify_worker.delivery.dispatcher import Dispatcher
+from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
 from pgnotify_worker.jobs import JobRunner
+from pgnotify_worker.models import ListenerState
 from pgnotify_worker.tracing import Tracing
-from pgnotify_worker.worker import Health, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 JOB_STATUS_ERRORS: tuple[type[Exception], ...] = (*db.DB_ERRORS, TimeoutError)
@@ -195,8 +198,13 @@ class Service:
             templates = TemplateStore(store)
             metrics = self.metrics
             tracing = Tracing(enabled=s.tracing)
-            dispatcher = Dispatcher(
+            failover = Failover(
                 self.providers,
+                on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
+                on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
+            )
+            dispatcher = Dispatcher(
+                failover,
                 templates,
                 Renderer(),
                 RetryPolicy(base=s.retry_base_seconds, cap=s.retry_max_seconds),
@@ -204,8 +212,6 @@ class Service:
                 observe_send=lambda c, p, sec: metrics.child(metrics.send_duration, c, p).observe(
                     sec
                 ),
-                on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
-                on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
                 sms_region=s.sms_default_region,
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
                 tracing=tracing,
@@ -261,13 +267,11 @@ class Service:
                     pool,
                     self.worker_id,
                     builtin_commands={
-                        "digest_daily": (
-                            f"SELECT pgnotify.build_digests('daily', now(), {s.digest_hour}, "
-                            f"{s.digest_weekday})"
+                        "digest_daily": queries.digest_job(
+                            "daily", s.digest_hour, s.digest_weekday
                         ),
-                        "digest_weekly": (
-                            f"SELECT pgnotify.build_digests('weekly', now(), {s.digest_hour}, "
-                            f"{s.digest_weekday})"
+                        "digest_weekly": queries.digest_job(
+                            "weekly", s.digest_hour, s.digest_weekday
                         ),
                     },
                     alert=self._alert,
@@ -315,25 +319,19 @@ class Service:
             return
         subject = f"pgnotify job {job} failed {streak} times in a row"
         body = f"The periodic job {job} failed {streak} runs in a row. Last error: {error}"
+        hour = int(time.time() // 3600)
         for target in targets:
             channel, _, address = target.partition(":")
             try:
-                await self.store.pool.fetchval(
-                    queries.ENQUEUE,
+                await self.store.enqueue(
                     channel,
                     address,
-                    None,
-                    {"job": job, "consecutive_failures": streak, "error": error},
-                    subject,
-                    body,
-                    None,
-                    None,
-                    "system_alert",
-                    None,
-                    10,
-                    None,
-                    None,
-                    f"job-alert:{job}:{int(time.time() // 3600)}:{channel}:{address}",
+                    payload={"job": job, "consecutive_failures": streak, "error": error},
+                    subject=subject,
+                    body=body,
+                    category="system_alert",
+                    priority=10,
+                    idempotency_key=f"job-alert:{job}:{hour}:{channel}:{address}",
                 )
             except db.DB_ERRORS as exc:
                 log.error(

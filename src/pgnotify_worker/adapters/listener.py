@@ -8,33 +8,17 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.db import DB_ERRORS
-from pgnotify_worker.models import Ping, Wake, parse_wake
+from pgnotify_worker.errors import ListenerUnhealthy
+from pgnotify_worker.models import ListenerState, Ping, Wake, parse_wake
 
 log = logging.getLogger(__name__)
 CHANNEL = "pgnotify"
-
-
-class ListenerUnhealthy(Exception):
-    """The connection is open but a NOTIFY round trip did not come back."""
-
-
-@dataclass
-class ListenerState:
-    """What /readyz and /status report about the listener."""
-
-    connected: bool = False
-    reconnects: int = 0
-    last_error: str | None = None
-    last_ping_ms: float | None = None
-    backend_pid: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Listener:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenError, TokenSource
+from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenSource
 from pgnotify_worker.core.classify import classify_fcm
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TokenError
 from pgnotify_worker.models import Outcome, RenderedMessage, Retryable, Sent
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"

@@ -4,7 +4,6 @@ with a reason (shown at start-up and in /status) instead of crashing mid-run."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from pgnotify_worker.adapters.db import QueueStore
 from pgnotify_worker.adapters.providers.devsinks import ConsoleProvider, FileProvider
@@ -19,6 +18,7 @@ from pgnotify_worker.adapters.providers.webpush import WebPushProvider
 from pgnotify_worker.config import Settings, reveal
 from pgnotify_worker.core.circuit import CircuitBreaker
 from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
+from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.errors import ConfigError, ProviderConfigError
 from pgnotify_worker.ports import Provider
 
@@ -44,32 +44,6 @@ DEFAULT_RATES = {
     "fcm": "500/500",
     "webpush": "100/100",
 }
-
-
-@dataclass
-class ProviderSlot:
-    """A provider with its circuit breaker and (optional) rate limit."""
-
-    provider: Provider
-    breaker: CircuitBreaker
-    bucket: TokenBucket | None
-
-    @property
-    def name(self) -> str:
-        return self.provider.name
-
-
-@dataclass
-class ChannelProviders:
-    """The providers of one channel in failover order, or why the channel is off."""
-
-    channel: str
-    slots: list[ProviderSlot] = field(default_factory=list)
-    disabled_reason: str | None = None
-
-    @property
-    def providers(self) -> list[Provider]:
-        return [slot.provider for slot in self.slots]
 
 
 def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provider:

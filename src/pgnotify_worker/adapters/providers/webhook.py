@@ -17,17 +17,13 @@ from yarl import URL
 
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.core import netguard, signing
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TargetBlocked
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
 from pgnotify_worker.tracing import inject
 
 _COMPACT = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False
 )  # built once: dumps(**kw) is not
-
-
-class TargetBlocked(OSError):
-    """Every address of the target host is in a refused range."""
 
 
 class GuardedResolver(AbstractResolver):

@@ -14,12 +14,11 @@ from yarl import URL
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.webhook import (
     GuardedResolver,
-    TargetBlocked,
     literal_refusal,
 )
 from pgnotify_worker.core import netguard, webpush
 from pgnotify_worker.core.classify import classify_http
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TargetBlocked
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
 
 

@@ -18,9 +18,14 @@ from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
-from pgnotify_worker.adapters.providers.registry import build_providers
+from pgnotify_worker.adapters.providers.resend import ResendSettings
+from pgnotify_worker.adapters.providers.sendgrid import SendGridSettings
+from pgnotify_worker.adapters.providers.spec import reveal
+from pgnotify_worker.adapters.providers.twilio import TwilioSettings
+from pgnotify_worker.adapters.registry import build_providers
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
-from pgnotify_worker.config import Settings, reveal
+from pgnotify_worker.config import Settings
+from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
@@ -95,7 +100,7 @@ class Service:
     async def _connect(self) -> asyncpg.Pool | None:
         """Migrate (if set), check the schema version and open the pool; retry while the
         database is unreachable, fail at once on what retrying cannot fix (auth, no database)."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stop_requested.is_set():
             try:
                 conn = await asyncpg.connect(
@@ -126,6 +131,7 @@ class Service:
             except db.DB_UNAVAILABLE as exc:
                 self.health.db_ok = False
                 self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
+                delay = backoff.next()
                 log.warning(
                     "cannot reach the database (%s); retrying in %.1fs",
                     self.health.db_error,
@@ -134,7 +140,6 @@ class Service:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), delay)
-                delay = min(delay * 2, 10.0)
         return None  # stopped before the database came up
 
     async def run(self, *, install_signals: bool = True) -> None:
@@ -143,11 +148,14 @@ class Service:
         async with AsyncExitStack() as stack:
             if install_signals:
                 stack.callback(self._install_signals())
+            resend = ResendSettings.model_validate(s, from_attributes=True)
+            sendgrid = SendGridSettings.model_validate(s, from_attributes=True)
+            twilio = TwilioSettings.model_validate(s, from_attributes=True)
             inbound = Inbound(
                 lambda: self.store,
-                resend_secret=reveal(s.resend_webhook_secret),
-                sendgrid_public_key=s.sendgrid_webhook_public_key,
-                twilio_auth_token=reveal(s.twilio_auth_token),
+                resend_secret=reveal(resend.resend_webhook_secret),
+                sendgrid_public_key=sendgrid.sendgrid_webhook_public_key,
+                twilio_auth_token=reveal(twilio.twilio_auth_token),
                 public_base_url=s.public_base_url,
                 sms_region=s.sms_default_region,
             )

@@ -35,7 +35,7 @@ from pgnotify_worker.delivery.failover import ChannelProviders, Failover
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
-from pgnotify_worker.jobs import JobRunner
+from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.models import ListenerState
 from pgnotify_worker.tracing import Tracing
 

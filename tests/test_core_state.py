@@ -150,3 +150,26 @@ def test_statuses_match_the_database_column_values() -> None:
         "digested",
         "expired",
     }
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Retryable("circuit_open", "every webhook provider is paused", 3.0, tried=False),
+        Retryable("http_429", "slow down", 2.0, throttled=True),
+        Retryable("database", "lookup failed", tried=False),
+    ],
+)
+def test_waiting_spends_no_attempt_and_never_goes_dead(outcome: Retryable) -> None:
+    policy = RetryPolicy(base=1.0, cap=10.0)
+    resolution = resolve(outcome, attempt=5, max_attempts=5, policy=policy, rand=0.5)
+    assert resolution.status is Status.SCHEDULED
+    assert resolution.refund
+    if outcome.retry_after:
+        assert resolution.delay >= outcome.retry_after
+
+
+def test_a_real_failure_at_the_last_attempt_goes_dead() -> None:
+    policy = RetryPolicy(base=1.0, cap=10.0)
+    resolution = resolve(Retryable("http_503", "down"), 5, 5, policy, 0.5)
+    assert (resolution.status, resolution.refund) == (Status.DEAD, False)

@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 
 from pgnotify_worker.adapters import db as dbmod
+from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.unsubscribe import make_token
-from pgnotify_worker.adapters.jobs import JobRunner
 from tests.conftest import running, wait_rows
 
 DONE = {"sent", "failed", "dead", "skipped", "expired", "held", "scheduled"}

@@ -78,13 +78,16 @@ class Retryable:
 
     `throttled`: the provider is up but asked us to slow down (429): no strike on its circuit.
     `trip`: the provider cannot work for anyone right now (bad credentials, quota spent):
-    open its circuit at once so rows wait instead of failing one by one."""
+    open its circuit at once so rows wait instead of failing one by one.
+    `tried`: False when nothing reached a provider (every provider paused, a lookup failed).
+    A throttled or untried outcome is waiting, not a failed attempt: it spends no attempt."""
 
     code: str
     message: str
     retry_after: float | None = None
     throttled: bool = False
     trip: bool = False
+    tried: bool = True
 
 
 @dataclass(frozen=True, slots=True)

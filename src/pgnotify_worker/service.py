@@ -16,6 +16,7 @@ import asyncpg
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
+from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.resend import ResendSettings
@@ -35,7 +36,6 @@ from pgnotify_worker.delivery.failover import ChannelProviders, Failover
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
-from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.models import ListenerState
 from pgnotify_worker.tracing import Tracing
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,6 +31,7 @@ DB_UNAVAILABLE: tuple[type[Exception], ...] = (
 # already translated by a QueueStore method.
 DB_ERRORS: tuple[type[Exception], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError, StoreError)
 
+log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -48,6 +51,29 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
             raise StoreError(fn.__name__, exc) from exc
 
     return call
+
+
+class Undecodable(ValueError):
+    """A claimed row holds a value the worker cannot represent."""
+
+
+def _instant(name: str, epoch: float) -> dt.datetime:
+    """An epoch from the claim as an aware datetime."""
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        raise Undecodable(f"{name} is out of the range the worker can handle") from None
+
+
+def _payload(text: str) -> dict[str, Any]:
+    """The payload JSON (a row whose payload cannot be parsed here fails alone)."""
+    try:
+        value = json.loads(text)
+    except (RecursionError, ValueError):
+        raise Undecodable("payload is nested too deeply to process") from None
+    if not isinstance(value, dict):
+        raise Undecodable("payload is not a JSON object")
+    return value
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -90,33 +116,65 @@ class QueueStore:
 
     @translated
     async def claim(self, channel: str, limit: int, lease_seconds: float) -> list[Notification]:
-        """Lease up to `limit` ready rows of `channel`."""
+        """Lease up to `limit` ready rows of `channel`; a row that cannot be decoded is failed
+        at once with the reason (it never stalls its batch or spends other rows' attempts)."""
         rows = await self.pool.fetch(queries.CLAIM, channel, limit, self.worker_id, lease_seconds)
-        return [
-            Notification(
-                id=r["id"],
-                uid=r["uid"],
-                channel=r["channel"],
-                recipient=r["recipient"],
-                user_id=r["user_id"],
-                category=r["category"],
-                template=r["template"],
-                subject=r["subject"],
-                body=r["body"],
-                html_body=r["html_body"],
-                locale=r["locale"],
-                payload=r["payload"],
-                priority=r["priority"],
-                attempt=r["attempts"],
-                max_attempts=r["max_attempts"],
-                created_at=r["created_at"],
-                claimed_at=r["claimed_at"],
-                expires_at=r["expires_at"],
-                digest_of=r["digest_of"],
-                traceparent=r["traceparent"],
+        claimed: list[Notification] = []
+        broken: list[Completion] = []
+        for r in rows:
+            try:
+                claimed.append(
+                    Notification(
+                        id=r["id"],
+                        uid=r["uid"],
+                        channel=r["channel"],
+                        recipient=r["recipient"],
+                        user_id=r["user_id"],
+                        category=r["category"],
+                        template=r["template"],
+                        subject=r["subject"],
+                        body=r["body"],
+                        html_body=r["html_body"],
+                        locale=r["locale"],
+                        payload=_payload(r["payload"]),
+                        priority=r["priority"],
+                        attempt=r["attempts"],
+                        max_attempts=r["max_attempts"],
+                        created_at=_instant("created_at", r["created_at"]),
+                        claimed_at=r["claimed_at"],
+                        expires_at=None
+                        if r["expires_at"] is None
+                        else _instant("expires_at", r["expires_at"]),
+                        digest_of=r["digest_of"],
+                        traceparent=r["traceparent"],
+                    )
+                )
+            except Undecodable as exc:
+                broken.append(
+                    Completion(
+                        id=r["id"],
+                        attempt=r["attempts"],
+                        status="failed",
+                        event="failed",
+                        delay=0.0,
+                        error_code="undecodable",
+                        error=str(exc),
+                        provider=None,
+                        provider_message_id=None,
+                        duration_ms=None,
+                        template_version=None,
+                    )
+                )
+        if broken:
+            await self.complete(broken)
+            log.error(
+                "failed %s %s notification(s) the worker cannot read: %s",
+                len(broken),
+                channel,
+                "; ".join(f"{c.id}: {c.error}" for c in broken[:5]),
+                extra={"action": "undecodable", "channel": channel, "count": len(broken)},
             )
-            for r in rows
-        ]
+        return claimed
 
     @translated
     async def complete(self, batch: Sequence[Completion]) -> set[int]:

@@ -4,9 +4,10 @@ string formatting. Tests prepare each of them against a freshly migrated databas
 from __future__ import annotations
 
 # claim: lease up to $2 ready rows of channel $1 to worker $3 for $4 seconds, in claim order,
-# skipping rows other workers hold, and log a claimed event per row.
+# skipping rows other workers hold, and log a claimed event per row. Producer-set timestamps come
+# back as epoch seconds and the payload as text, so one row the driver could not decode (a date
+# out of Python's range, JSON nested too deep) fails alone instead of failing the whole batch.
 CLAIM = """
-
 WITH ready AS (
     SELECT id FROM pgnotify.notifications
     WHERE status = 'queued' AND channel = $1 AND run_at <= now()
@@ -19,14 +20,18 @@ WITH ready AS (
         locked_until = now() + make_interval(secs => $4), updated_at = now()
     FROM ready WHERE n.id = ready.id
     RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
-           n.template, n.subject, n.body, n.html_body, n.locale, n.payload, n.priority,
-           n.attempts, n.max_attempts, n.created_at, n.run_at, n.expires_at, n.digest_of,
-           n.traceparent
+           n.template, n.subject, n.body, n.html_body, n.locale, n.payload::text AS payload,
+           n.priority, n.attempts, n.max_attempts,
+           extract(epoch FROM n.created_at)::float8 AS created_at, n.run_at,
+           extract(epoch FROM n.expires_at)::float8 AS expires_at, n.digest_of, n.traceparent
 ), logged AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
     SELECT id, 'claimed', attempts, $3 FROM claimed
 )
-SELECT claimed.*, now() AS claimed_at FROM claimed
+SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body,
+       locale, payload, priority, attempts, max_attempts, created_at, expires_at, digest_of,
+       traceparent, now() AS claimed_at
+FROM claimed
 ORDER BY priority DESC, run_at, id
 """
 
@@ -49,7 +54,7 @@ WITH r AS (
                       THEN now() + make_interval(secs => r.delay) ELSE n.run_at END,
         locked_by = NULL,
         locked_until = NULL,
-        last_error = coalesce(r.error, n.last_error),
+        last_error = CASE WHEN r.status = 'sent' THEN NULL ELSE coalesce(r.error, n.last_error) END,
         provider = coalesce(r.provider, n.provider),
         provider_message_id = coalesce(r.provider_message_id, n.provider_message_id),
         template_version = coalesce(r.template_version, n.template_version),

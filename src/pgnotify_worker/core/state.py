@@ -142,6 +142,20 @@ def resolve(
             return Resolution(Status.FAILED, Event.FAILED, error_code=code, error=message)
         case Skipped(code=code, message=message):
             return Resolution(Status.SKIPPED, Event.SKIPPED, error_code=code, error=message)
+        case Retryable(code=code, message=message, retry_after=retry_after) if (
+            outcome.throttled or not outcome.tried
+        ):
+            # Waiting for a paused provider, a 429's Retry-After or the database spends no
+            # attempt: attempts count real sends (expires_at is how waiting ends).
+            delay = policy.delay(attempt, retry_after, rand)
+            return Resolution(
+                Status.SCHEDULED,
+                Event.RETRY_SCHEDULED,
+                delay=delay,
+                error_code=code,
+                error=message,
+                refund=True,
+            )
         case Retryable(code=code, message=message, retry_after=retry_after):
             if attempt >= max_attempts:
                 return Resolution(

@@ -209,6 +209,14 @@ def _guard_filters(filters: dict[str, Any]) -> None:
         filters[name] = jinja2.pass_eval_context(functools.wraps(filters[name])(fn))
 
 
+def _printable(value: Any) -> Any:
+    """What `{{ ... }}` prints: a value. A function or method (`''|attr('format')`) is refused:
+    its repr is no content and shows memory addresses."""
+    if callable(value) and not isinstance(value, markupsafe.Markup | str | jinja2.Undefined):
+        raise TemplateError("template_error", "the template prints a function, not a value")
+    return value
+
+
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, plus bounds on the operators and calls that allocate or loop."""
 
@@ -222,6 +230,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             loader=jinja2.FunctionLoader(_load_layout),
             auto_reload=True,  # a cached layout is checked against the current source
             cache_size=64,  # layouts only: our own sources are cached by Renderer
+            finalize=_printable,
         )
         self.globals = {"range": self.globals["range"], TICK_FN: _tick, CONCAT_FN: _concat}
         _guard_filters(self.filters)

@@ -58,6 +58,26 @@ OUTCOME_LABEL = {
 }
 
 
+def _blank(value: str | None) -> bool:
+    return value is None or not value.strip()
+
+
+def empty_body(message: RenderedMessage) -> str | None:
+    """Why a rendered message would go out with nothing in it (a template that renders to
+    whitespace), or None. Push and in-app may carry data only; what was written must not be
+    blank."""
+    match message.channel:
+        case "email" if _blank(message.text) and _blank(message.html):
+            return "the email rendered with an empty body: nothing was sent"
+        case "sms" if _blank(message.text):
+            return "the SMS rendered with an empty body: nothing was sent"
+        case "webhook" | "push" | "inapp" if (
+            message.text is not None and _blank(message.text) and _blank(message.subject)
+        ):
+            return f"the {message.channel} body rendered empty: nothing was sent"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A finished attempt: what to write back, and what to measure once it is written."""
@@ -298,7 +318,9 @@ class Dispatcher:
         try:
             verdict = await self.decision(n)
         except StoreError:
-            unavailable = Retryable("database", "preference lookup failed: database unavailable")
+            unavailable = Retryable(
+                "database", "preference lookup failed: database unavailable", tried=False
+            )
             resolution = resolve(unavailable, n.attempt, n.max_attempts, self.policy, self.rand())
             return self._delivery(n, resolution, "none", started, None, None)
         early = decision_resolution(verdict)
@@ -310,16 +332,23 @@ class Dispatcher:
         outcome: Outcome
         try:
             message, version = await self.render(n)
+            empty = empty_body(message)
+            if empty is not None:
+                raise TemplateError("empty_body", empty)
         except TemplateError as exc:
             outcome = Permanent(exc.code, exc.message)
         except StoreError:
-            outcome = Retryable("database", "template lookup failed: database unavailable")
+            outcome = Retryable(
+                "database", "template lookup failed: database unavailable", tried=False
+            )
         else:
             if n.channel == "push" and n.recipient.startswith("user:") and self.store is not None:
                 try:
                     outcome, provider_name = await self._fan_out(n, message)
                 except StoreError:
-                    outcome = Retryable("database", "device lookup failed: database unavailable")
+                    outcome = Retryable(
+                        "database", "device lookup failed: database unavailable", tried=False
+                    )
             else:
                 outcome, provider_name = await self.send_chain(n.channel, message)
                 await self._after_send(n, n.channel, n.recipient, outcome, provider_name)

@@ -154,6 +154,7 @@ class Failover:
                 "circuit_open",
                 f"every {channel} provider is paused ({reasons})",
                 self.blocked_for(channel) or None,
+                tried=False,
             ),
             "none",
         )

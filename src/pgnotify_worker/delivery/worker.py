@@ -441,10 +441,11 @@ class Worker:
             await anyio.sleep(self.config.reap_interval * (0.75 + random.random() / 2))
             if (
                 self._outage
-                or time.monotonic() - self._recovered_at < self.config.lease_seconds / 3
+                or time.monotonic() - self._recovered_at < self.config.lease_seconds * 2 / 3
             ):
-                # The database was away: every replica renews its leases (one heartbeat interval)
-                # before any replica reaps, or a live owner's rows would be sent twice.
+                # The database was away: every replica renews its leases (a heartbeat goes out at
+                # once on recovery) before any replica reaps; two heartbeat intervals of margin,
+                # or a live owner's rows would be requeued and sent twice.
                 continue
             try:
                 reaped = await self.store.reap()

@@ -18,8 +18,10 @@ import pytest
 
 from pgnotify_worker.config import Settings
 from pgnotify_worker.service import Service
-from tests.conftest import WebhookSink, running, wait_rows
+from tests.support.db import wait_rows
 from tests.support.pgcluster import find_bindir
+from tests.support.webhooks import WebhookSink
+from tests.support.worker import running
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

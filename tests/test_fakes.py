@@ -22,7 +22,6 @@ import aiosmtplib
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import WebhookSink
 from tests.fakes.fcm import FakeFCM, make_service_account, sign_assertion
 from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
@@ -38,6 +37,7 @@ from tests.fakes.webhooks_in import (
     svix_headers,
     verify_sendgrid,
 )
+from tests.support.webhooks import WebhookSink
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,8 +14,10 @@ import pytest
 from aiohttp import web
 
 from pgnotify_worker.config import Settings
-from tests.conftest import WEBHOOK_SECRET, PgServer, Received, WebhookSink, running, wait_rows
+from tests.support.db import PgServer, wait_rows
 from tests.support.procs import WorkerProcess
+from tests.support.webhooks import WEBHOOK_SECRET, Received, WebhookSink
+from tests.support.worker import running
 
 pytestmark = pytest.mark.slow
 

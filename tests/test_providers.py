@@ -14,13 +14,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from pgnotify_worker.adapters.db import QueueStore
 from pgnotify_worker.adapters.providers.fcm import FcmProvider
 from pgnotify_worker.adapters.providers.google_auth import GOOGLE_TOKEN_AUDIENCE
 from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
@@ -31,12 +30,8 @@ from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
-from pgnotify_worker.core.retry import RetryPolicy
-from pgnotify_worker.core.templates import Renderer
-from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import (
-    Notification,
     Outcome,
     Permanent,
     RenderedMessage,
@@ -50,6 +45,13 @@ from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.smtp import FakeSMTP, TlsMode
 from tests.fakes.twilio import FakeTwilio, basic_credentials
+from tests.support.providers import (
+    FakeClock,
+    assert_no_canary,
+    encodings,
+    make_dispatcher,
+    notification,
+)
 
 SENDER = "Acme <no-reply@acme.test>"
 RESEND_KEY = "re_test_resend_key_123"
@@ -856,32 +858,6 @@ def test_missing_configuration_names_the_variable(
 # --- through the Dispatcher: circuit, failover, rate limit ----------------------------------------
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_dispatcher(
-    channels: dict[str, ChannelProviders],
-    clock: Callable[[], float] = time.monotonic,
-    **kwargs: Any,
-) -> Dispatcher:
-    """A Dispatcher without a database: send_chain, capacity and deliver (no fan-out) need none."""
-    return Dispatcher(
-        channels,
-        TemplateStore(cast(QueueStore, None)),
-        Renderer(),
-        RetryPolicy(base=0.05, cap=0.2),
-        clock=clock,
-        **kwargs,
-    )
-
-
 def slot(provider: Provider, threshold: int = 5, open_seconds: float = 30.0) -> ProviderSlot:
     return ProviderSlot(
         provider, CircuitBreaker(threshold=threshold, open_seconds=open_seconds), None
@@ -1054,29 +1030,6 @@ async def test_rate_limit_spaces_requests_at_the_provider(
 # --- secrets never show up ------------------------------------------------------------------------
 
 
-def notification(channel: str, recipient: str, attempt: int = 1) -> Notification:
-    now = dt.datetime.now(dt.UTC)
-    return Notification(
-        id=99,
-        uid=str(uuid.uuid4()),
-        channel=channel,
-        recipient=recipient,
-        user_id=None,
-        category=None,
-        template=None,
-        subject="Hello",
-        body="Body text",
-        html_body="<p>Body</p>" if channel == "email" else None,
-        locale=None,
-        payload={},
-        priority=0,
-        attempt=attempt,
-        max_attempts=attempt,  # the last attempt: failures log at ERROR, the loudest path
-        created_at=now,
-        claimed_at=now,
-    )
-
-
 async def fail_through_dispatcher(
     provider: Provider, channel: str, recipient: str, rounds: int
 ) -> list[object]:
@@ -1096,31 +1049,6 @@ async def fail_through_dispatcher(
         assert delivery.completion.error is not None
         shown.append(delivery)
     return shown
-
-
-def assert_no_canary(
-    caplog: pytest.LogCaptureFixture, shown: list[object], canaries: list[str]
-) -> None:
-    assert caplog.records, "the failures were not logged at all"
-    texts = [caplog.text]
-    for record in caplog.records:
-        texts.append(record.getMessage())
-        texts.extend(repr(value) for value in vars(record).values())
-    for item in shown:
-        texts.extend((str(item), repr(item)))
-    everything = "\n".join(texts)
-    for canary in canaries:
-        assert canary not in everything
-
-
-def encodings(login: str, secret: str) -> list[str]:
-    """The secret, and the encodings a wire protocol might carry it in."""
-    return [
-        secret,
-        base64.b64encode(f"{login}:{secret}".encode()).decode(),
-        base64.b64encode(f"\0{login}\0{secret}".encode()).decode(),
-        base64.b64encode(secret.encode()).decode(),
-    ]
 
 
 async def test_no_secret_in_logs_or_outcomes_resend_and_sendgrid(

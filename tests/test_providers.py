@@ -1,6 +1,10 @@
 """Email, SMS and push providers against the fake provider servers (real HTTP and SMTP on
 127.0.0.1), one provider object at a time, then through the Dispatcher: circuit breaker,
-failover, rate limit, and no secret in any log line or outcome."""
+failover, rate limit, and no secret in any log line or outcome.
+
+What every HTTP provider shares (5xx, 429 and its reset header, timeouts, the circuit opening,
+no secret in logs) is checked once for all in test_provider_contract.py; this file keeps what is
+particular to each provider."""
 
 from __future__ import annotations
 
@@ -62,7 +66,6 @@ TWILIO_FROM = "+15005550006"
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "smtp-password-0123"
 CREATED = dt.datetime(2024, 5, 17, 9, 30, tzinfo=dt.UTC)
-SLOW = 2.0  # how long a "slow" fake takes; the providers under test wait 0.3 s
 
 
 def message(
@@ -274,35 +277,6 @@ async def test_resend_spent_quota_trips(resend: ResendProvider, resend_fake: Fak
     assert_retryable(await resend.send(message()), "resend_daily_quota_exceeded", trip=True)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-async def test_resend_5xx_is_retryable(
-    resend: ResendProvider, resend_fake: FakeResend, status: int
-) -> None:
-    resend_fake.fail_next(1, status=status)
-    assert_retryable(await resend.send(message()), f"http_{status}")
-
-
-async def test_resend_429_is_throttled_for_retry_after(
-    resend: ResendProvider, resend_fake: FakeResend
-) -> None:
-    resend_fake.rate_limit_next(1, retry_after=7)
-    outcome = assert_retryable(await resend.send(message()), "resend_rate_limited", throttled=True)
-    assert outcome.retry_after == 7.0
-
-
-async def test_resend_slow_answer_is_a_timeout(resend_fake: FakeResend) -> None:
-    provider = await started(
-        ResendProvider(RESEND_KEY, SENDER, base_url=resend_fake.url, timeout=0.3)
-    )
-    resend_fake.slow_next(1, SLOW)
-    try:
-        started_at = time.monotonic()
-        assert_retryable(await provider.send(message()), "timeout")
-        assert time.monotonic() - started_at < SLOW
-    finally:
-        await provider.close()
-
-
 # --- SendGrid --------------------------------------------------------------------------------------
 
 
@@ -358,47 +332,6 @@ async def test_sendgrid_wrong_api_key_trips(sendgrid_fake: FakeSendGrid) -> None
     provider = await started(SendGridProvider("SG.wrong", SENDER, base_url=sendgrid_fake.url))
     try:
         assert_retryable(await provider.send(message()), "sendgrid_401", trip=True)
-    finally:
-        await provider.close()
-
-
-@pytest.mark.parametrize("status", [500, 503])
-async def test_sendgrid_5xx_is_retryable(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid, status: int
-) -> None:
-    sendgrid_fake.fail_next(1, status=status)
-    assert_retryable(await sendgrid.send(message()), f"http_{status}")
-
-
-async def test_sendgrid_429_waits_for_the_reset_epoch(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid
-) -> None:
-    sendgrid_fake.rate_limit_next(1, reset_in=20)
-    outcome = await sendgrid.send(message())
-    assert isinstance(outcome, Retryable), outcome
-    assert not outcome.trip
-    assert outcome.retry_after is not None
-    assert 18.0 <= outcome.retry_after <= 20.0  # X-RateLimit-Reset is an epoch, whole seconds
-
-
-async def test_sendgrid_429_is_throttled_and_never_opens_the_circuit(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid
-) -> None:
-    slot = ProviderSlot(sendgrid, CircuitBreaker(threshold=2, open_seconds=30), None)
-    dispatcher = make_dispatcher({"email": ChannelProviders("email", [slot])})
-    sendgrid_fake.rate_limit_next(2, reset_in=1)
-    outcomes = [(await dispatcher.send_chain("email", message()))[0] for _ in range(2)]
-    assert all(isinstance(o, Retryable) and o.throttled for o in outcomes), outcomes
-    assert slot.breaker.state is CircuitState.CLOSED
-
-
-async def test_sendgrid_slow_answer_is_a_timeout(sendgrid_fake: FakeSendGrid) -> None:
-    provider = await started(
-        SendGridProvider(SENDGRID_KEY, SENDER, base_url=sendgrid_fake.url, timeout=0.3)
-    )
-    sendgrid_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(message()), "timeout")
     finally:
         await provider.close()
 
@@ -651,31 +584,6 @@ async def test_twilio_wrong_auth_token_trips(twilio_fake: FakeTwilio) -> None:
         await provider.close()
 
 
-@pytest.mark.parametrize("status", [500, 503])
-async def test_twilio_5xx_is_retryable(
-    twilio: TwilioProvider, twilio_fake: FakeTwilio, status: int
-) -> None:
-    twilio_fake.fail_next(1, status=status)
-    assert_retryable(await twilio.send(sms()), f"http_{status}")
-
-
-async def test_twilio_429_is_throttled_for_retry_after(
-    twilio: TwilioProvider, twilio_fake: FakeTwilio
-) -> None:
-    twilio_fake.fail_next(1, status=429, headers={"Retry-After": "4"})
-    outcome = assert_retryable(await twilio.send(sms()), "twilio_20429", throttled=True)
-    assert outcome.retry_after == 4.0
-
-
-async def test_twilio_slow_answer_is_a_timeout(twilio_fake: FakeTwilio) -> None:
-    provider = await started(twilio_provider(twilio_fake, timeout=0.3))
-    twilio_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(sms()), "timeout")
-    finally:
-        await provider.close()
-
-
 # --- FCM -------------------------------------------------------------------------------------------
 
 
@@ -803,21 +711,6 @@ async def test_fcm_quota_exceeded_is_throttled(
     fcm_fake.fcm_error_next(1, 429, "QUOTA_EXCEEDED", retry_after=retry_after)
     outcome = assert_retryable(await fcm.send(push()), "fcm_QUOTA_EXCEEDED", throttled=True)
     assert outcome.retry_after == expected
-
-
-@pytest.mark.parametrize("status", [500, 503])
-async def test_fcm_5xx_is_retryable(fcm: FcmProvider, fcm_fake: FakeFCM, status: int) -> None:
-    fcm_fake.fail_next(1, status=status)
-    assert_retryable(await fcm.send(push()), f"http_{status}")
-
-
-async def test_fcm_slow_answer_is_a_timeout(fcm_fake: FakeFCM) -> None:
-    provider = await started(FcmProvider(fcm_account(fcm_fake), base_url=fcm_fake.url, timeout=0.3))
-    fcm_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(push()), "timeout")
-    finally:
-        await provider.close()
 
 
 # --- missing configuration -------------------------------------------------------------------------
@@ -1051,33 +944,6 @@ async def fail_through_dispatcher(
     return shown
 
 
-async def test_no_secret_in_logs_or_outcomes_resend_and_sendgrid(
-    caplog: pytest.LogCaptureFixture, resend_fake: FakeResend, sendgrid_fake: FakeSendGrid
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    canaries = ["re_CANARY_7f3a9b1c", "SG.CANARY_5d2e8f0a.zz"]
-    resend = await started(
-        ResendProvider(canaries[0], SENDER, base_url=resend_fake.url, timeout=0.3)
-    )
-    sendgrid = await started(
-        SendGridProvider(canaries[1], SENDER, base_url=sendgrid_fake.url, timeout=0.3)
-    )
-    try:
-        outcomes = await fail_through_dispatcher(resend, "email", "ada@example.com", 2)
-        outcomes += await fail_through_dispatcher(sendgrid, "email", "ada@example.com", 2)
-        resend_fake.fail_next(2, status=503)
-        sendgrid_fake.fail_next(2, status=500)
-        outcomes += await fail_through_dispatcher(resend, "email", "ada@example.com", 1)
-        outcomes += await fail_through_dispatcher(sendgrid, "email", "ada@example.com", 1)
-        resend_fake.slow_next(2, SLOW)
-        outcomes += await fail_through_dispatcher(resend, "email", "ada@example.com", 1)
-    finally:
-        await resend.close()
-        await sendgrid.close()
-    assert any(isinstance(o, Retryable) and o.trip for o in outcomes)
-    assert_no_canary(caplog, outcomes, [*encodings("", canaries[0]), *encodings("", canaries[1])])
-
-
 async def test_no_secret_in_logs_or_outcomes_smtp(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     canary = "CANARY-smtp-9c4d1e"
@@ -1099,23 +965,6 @@ async def test_no_secret_in_logs_or_outcomes_smtp(caplog: pytest.LogCaptureFixtu
         assert fake.auth_attempts and not any(ok for _, ok in fake.auth_attempts)
     assert all(isinstance(o, Retryable) for o in outcomes[::2])
     assert_no_canary(caplog, outcomes, encodings(SMTP_USER, canary))
-
-
-async def test_no_secret_in_logs_or_outcomes_twilio(
-    caplog: pytest.LogCaptureFixture, twilio_fake: FakeTwilio
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    canary = "CANARY_twilio_4b8e2d7f"
-    provider = await started(twilio_provider(twilio_fake, auth_token=canary, timeout=0.3))
-    try:
-        outcomes = await fail_through_dispatcher(provider, "sms", "+14155552671", 2)
-        twilio_fake.fail_next(2, status=503)
-        outcomes += await fail_through_dispatcher(provider, "sms", "+14155552671", 1)
-        twilio_fake.slow_next(2, SLOW)
-        outcomes += await fail_through_dispatcher(provider, "sms", "+14155552671", 1)
-    finally:
-        await provider.close()
-    assert_no_canary(caplog, outcomes, encodings(TWILIO_SID, canary))
 
 
 async def test_no_secret_in_logs_or_outcomes_fcm(

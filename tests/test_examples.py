@@ -190,7 +190,7 @@ async def test_producer_reports_a_refused_enqueue_and_rolls_back(
     assert await conn.fetchval("SELECT count(*) FROM demo_orders") == 0  # nor the order
 
 
-async def test_psql_scripts(
+async def test_psql_enqueue_is_delivered_and_scheduled_and_a_rollback_never_exists(
     dsn: str,
     conn: asyncpg.Connection,
     webhook_sink: WebhookSink,

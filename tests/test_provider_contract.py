@@ -41,7 +41,7 @@ from pgnotify_worker.adapters.providers.registry import (
 from pgnotify_worker.config import Settings, load_settings
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.webpush import b64u
-from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
 from pgnotify_worker.ports import Provider
 from tests.fakes.base import Recorded, bearer_token
 from tests.fakes.fcm import FakeFCM, make_service_account
@@ -53,6 +53,7 @@ from tests.fakes.webpush import FakePushService
 from tests.support.providers import (
     FakeClock,
     assert_no_canary,
+    assert_retryable,
     encodings,
     make_dispatcher,
     notification,
@@ -403,14 +404,6 @@ def rendered(case: Contract, recipient: str) -> RenderedMessage:
         data={"order": "7"},
         created_at=CREATED,
     )
-
-
-def assert_retryable(
-    outcome: Outcome, code: str, *, trip: bool = False, throttled: bool = False
-) -> Retryable:
-    assert isinstance(outcome, Retryable), outcome
-    assert (outcome.code, outcome.trip, outcome.throttled) == (code, trip, throttled), outcome
-    return outcome
 
 
 @pytest.fixture(params=CASES, ids=[case.provider for case in CASES])

@@ -36,7 +36,6 @@ from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import (
-    Outcome,
     Permanent,
     RenderedMessage,
     Retryable,
@@ -52,6 +51,7 @@ from tests.fakes.twilio import FakeTwilio, basic_credentials
 from tests.support.providers import (
     FakeClock,
     assert_no_canary,
+    assert_retryable,
     encodings,
     make_dispatcher,
     notification,
@@ -189,14 +189,6 @@ async def smtp(smtp_fake: FakeSMTP) -> AsyncIterator[SmtpProvider]:
     )
     yield provider
     await provider.close()
-
-
-def assert_retryable(
-    outcome: Outcome, code: str, *, trip: bool = False, throttled: bool = False
-) -> Retryable:
-    assert isinstance(outcome, Retryable), outcome
-    assert (outcome.code, outcome.trip, outcome.throttled) == (code, trip, throttled), outcome
-    return outcome
 
 
 # --- Resend ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Helpers for provider tests: a Dispatcher without a database, a hand-moved clock, a claimed
-notification, and the check that no secret shows up in logs or outcomes."""
+notification, a check of a retryable outcome, and the check that no secret shows in logs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pgnotify_worker.adapters.providers.registry import ChannelProviders
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
-from pgnotify_worker.models import Notification
+from pgnotify_worker.models import Notification, Outcome, Retryable
 
 
 class FakeClock:
@@ -67,6 +67,15 @@ def notification(channel: str, recipient: str, attempt: int = 1) -> Notification
         created_at=now,
         claimed_at=now,
     )
+
+
+def assert_retryable(
+    outcome: Outcome, code: str, *, trip: bool = False, throttled: bool = False
+) -> Retryable:
+    """The outcome is Retryable with this code, trip and throttled."""
+    assert isinstance(outcome, Retryable), outcome
+    assert (outcome.code, outcome.trip, outcome.throttled) == (code, trip, throttled), outcome
+    return outcome
 
 
 def assert_no_canary(

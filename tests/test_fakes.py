@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.smtp import FakeSMTP
 from tests.fakes.twilio import FakeTwilio, basic_auth, num_segments, twilio_signature
+from tests.fakes.webhook import FakeWebhookReceiver
 from tests.fakes.webhooks_in import (
     SENDGRID_SIGNATURE,
     SENDGRID_TIMESTAMP,
@@ -984,6 +986,31 @@ async def test_smtp_slow_reply_times_out_the_client() -> None:
         smtp.slow_next(1, 5.0)
         with pytest.raises(aiosmtplib.SMTPTimeoutError):
             await aiosmtplib.send(make_email(), hostname=smtp.host, port=smtp.port, timeout=0.3)
+
+
+# --- outbound webhooks: a consumer that checks signatures -----------------------------------------
+
+
+async def test_webhook_receiver_accepts_a_valid_signature_and_refuses_a_forged_one() -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(b"receiver-test-secret-0123456").decode()
+    body = '{"type":"order.shipped"}'
+    now = datetime.datetime.now(datetime.UTC)
+    headers = {
+        "webhook-id": "pgn_1",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign("pgn_1", now, body),
+    }
+    async with FakeWebhookReceiver(secret) as fake:
+        url = fake.url + "/hooks/orders"
+        ok, _, _ = await call("POST", url, data=body, headers=headers)
+        forged, _, answer = await call("POST", url, data=body + " ", headers=headers)
+        missing, _, _ = await call("POST", url, data=body)
+    assert (ok, forged, missing) == (204, 401, 401)
+    assert js(answer) == {"error": "invalid signature"}
+    assert fake.received == [body.encode()]
+    assert len(fake.requests) == 3
 
 
 # --- inbound webhook signatures ----------------------------------------------------------------

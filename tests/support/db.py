@@ -53,6 +53,17 @@ async def scratch_database(
             await admin.close()
 
 
+async def fill(conn: asyncpg.Connection, url: str, count: int) -> list[int]:
+    """`count` webhook rows to `url` in one INSERT (payload n = 1..count); their ids."""
+    rows = await conn.fetch(
+        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
+        "SELECT 'webhook', $1, jsonb_build_object('n', g) FROM generate_series(1, $2) g RETURNING id",
+        url,
+        count,
+    )
+    return [r["id"] for r in rows]
+
+
 async def wait_rows(
     conn: asyncpg.Connection,
     ids: list[int],

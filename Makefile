@@ -36,6 +36,7 @@ lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and ale
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/check.py
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from pgnotify_worker.core.cron import ScheduleError, next_run
+from pgnotify_worker.core.cron import next_run
 from pgnotify_worker.core.preferences import (
     Defer,
     Expire,
@@ -19,6 +19,7 @@ from pgnotify_worker.core.preferences import (
     seconds_until,
 )
 from pgnotify_worker.core.unsubscribe import ALL, TokenInvalid, Unsubscribe, make_token, read_token
+from pgnotify_worker.errors import ScheduleError
 
 T = dt.time
 

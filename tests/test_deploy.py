@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pgnotify_worker.adapters.providers.registry import build_providers
+from pgnotify_worker.adapters.registry import build_providers
 from pgnotify_worker.config import ENV_PREFIX, Settings
 from pgnotify_worker.logs import FIELDS
 

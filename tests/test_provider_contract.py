@@ -33,14 +33,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pgnotify_worker.adapters.db import QueueStore
-from pgnotify_worker.adapters.providers.registry import (
-    ChannelProviders,
-    ProviderSlot,
-    build_providers,
-)
+from pgnotify_worker.adapters.registry import build_providers
 from pgnotify_worker.config import Settings, load_settings
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.webpush import b64u
+from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
 from pgnotify_worker.ports import Provider
 from tests.fakes.base import Recorded, bearer_token

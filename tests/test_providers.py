@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from pgnotify_worker.adapters.providers.fcm import FcmProvider
 from pgnotify_worker.adapters.providers.google_auth import GOOGLE_TOKEN_AUDIENCE
-from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
 from pgnotify_worker.adapters.providers.resend import ResendProvider
 from pgnotify_worker.adapters.providers.sendgrid import SendGridProvider
 from pgnotify_worker.adapters.providers.smtp import Security, SmtpProvider
@@ -34,6 +33,7 @@ from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
+from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import (
     Permanent,

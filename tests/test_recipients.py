@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 
 from pgnotify_worker.adapters import db as dbmod
+from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.unsubscribe import make_token
-from pgnotify_worker.jobs import JobRunner
 from tests.support.db import wait_rows
 from tests.support.worker import running
 

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, migrate, queries
 from pgnotify_worker.adapters.embedded import EmbeddedPostgres, start_embedded
+from pgnotify_worker.adapters.providers.webhook import WebhookSettings
 from pgnotify_worker.config import Settings, load_settings
 from pgnotify_worker.errors import ConfigError, PgnotifyError
 from pgnotify_worker.logs import setup_logging
@@ -96,9 +97,12 @@ def cmd_run(settings: Settings) -> int:
         secret_file = None
         if embedded is not None:
             # Dev mode: sign with a kept secret, and let webhooks reach a receiver on this machine.
-            if settings.webhook_secret is None:
+            webhook = WebhookSettings.model_validate(
+                settings, from_attributes=True
+            )  # the same object
+            if webhook.webhook_secret is None:
                 secret, secret_file = dev_webhook_secret(settings.data_dir)
-                settings.webhook_secret = SecretStr(secret)
+                webhook.webhook_secret = SecretStr(secret)
             if "webhook_allowed_networks" not in settings.model_fields_set:
                 settings.webhook_allowed_networks = ["127.0.0.0/8", "::1/128"]
             if "simulate" not in settings.model_fields_set:
@@ -158,7 +162,7 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     async def go(conn: asyncpg.Connection) -> int:
         when = run_at
         if args.delay is not None:
-            when = await conn.fetchval("SELECT now() + make_interval(secs => $1)", args.delay)
+            when = await conn.fetchval(queries.IN_SECONDS, args.delay)
         value: int = await conn.fetchval(
             queries.ENQUEUE,
             args.channel,

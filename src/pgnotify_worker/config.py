@@ -6,9 +6,9 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pgnotify_worker.core import netguard
@@ -25,8 +25,9 @@ def _split(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
-    """Every setting of the worker; the README table is generated from these descriptions."""
+class CoreSettings(BaseSettings):
+    """The settings every part shares; each provider module adds its own (see Settings below).
+    The README table is generated from these descriptions."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, hide_input_in_errors=True
@@ -109,18 +110,9 @@ class Settings(BaseSettings):
     inapp_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["inapp"], description="In-app providers: inapp, console, file."
     )
-    webhook_secret: SecretStr | None = Field(
-        None,
-        description="Standard Webhooks signing secret (whsec_<base64>); several comma-separated "
-        "during rotation (each request carries every signature).",
-    )
-    webhook_timeout: float = Field(10.0, gt=0, description="Seconds a webhook request may take.")
     webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="CIDRs webhooks may reach although private/loopback, e.g. 10.0.0.0/8.",
-    )
-    file_sink_path: Path = Field(
-        Path(".pgnotify/outbox.jsonl"), description="Where the file dev sink appends JSON lines."
     )
     simulate: bool = Field(
         False,
@@ -176,57 +168,10 @@ class Settings(BaseSettings):
     email_from: str | None = Field(
         None, description="Sender of every email: 'Acme <no-reply@acme.com>' (required for email)."
     )
-    resend_api_key: SecretStr | None = Field(None, description="Resend API key (re_...).")
-    resend_base_url: str = Field("https://api.resend.com", description="Resend API base URL.")
-    resend_webhook_secret: SecretStr | None = Field(
-        None, description="Resend webhook signing secret (whsec_...) for POST /webhooks/resend."
-    )
-    sendgrid_api_key: SecretStr | None = Field(None, description="SendGrid API key (SG....).")
-    sendgrid_base_url: str = Field("https://api.sendgrid.com", description="SendGrid API base URL.")
-    sendgrid_webhook_public_key: str | None = Field(
-        None,
-        description="SendGrid Signed Event Webhook public key (base64), for POST "
-        "/webhooks/sendgrid.",
-    )
-    smtp_host: str | None = Field(None, description="SMTP server host.")
-    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP server port.")
-    smtp_security: Literal["starttls", "tls", "none"] = Field(
-        "starttls", description="starttls (587), tls (implicit, 465) or none (local relays only)."
-    )
-    smtp_username: str | None = Field(None, description="SMTP user name (none: no AUTH).")
-    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
-    smtp_ca_file: Path | None = Field(
-        None, description="CA bundle to trust for the SMTP server's certificate (default: system)."
-    )
-    smtp_connections: int = Field(4, ge=1, le=100, description="SMTP connections kept open.")
 
     # --- sms -----------------------------------------------------------------------------------
-    twilio_account_sid: str | None = Field(None, description="Twilio Account SID (AC...).")
-    twilio_auth_token: SecretStr | None = Field(
-        None, description="Twilio Auth Token (also checks status-callback signatures)."
-    )
-    twilio_from: str | None = Field(None, description="Sender number (E.164) or alphanumeric id.")
-    twilio_messaging_service_sid: str | None = Field(
-        None, description="Messaging Service SID (MG...); used instead of twilio_from when set."
-    )
-    twilio_base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
     sms_default_region: str = Field(
         "US", min_length=2, max_length=2, description="Region for numbers without +country code."
-    )
-
-    # --- push ----------------------------------------------------------------------------------
-    fcm_service_account: SecretStr | None = Field(
-        None, description="FCM service-account key: the JSON itself, or the path of the JSON file."
-    )
-    fcm_base_url: str = Field("https://fcm.googleapis.com", description="FCM API base URL.")
-    webpush_vapid_private_key: SecretStr | None = Field(
-        None, description="VAPID private key for Web Push (PEM, or the raw key in base64url)."
-    )
-    webpush_subject: str | None = Field(
-        None, description="VAPID contact: mailto:ops@example.com or an https URL."
-    )
-    webpush_ttl: int = Field(
-        86_400, ge=0, description="Seconds a push service keeps a message for an offline browser."
     )
 
     # --- HTTP, logs, embedded ----------------------------------------------------------------
@@ -337,7 +282,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> Settings:
+    def _consistent(self) -> CoreSettings:
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must not be below retry_base_seconds")
         if self.pool_min_size > self.pool_max_size:
@@ -359,22 +304,12 @@ class Settings(BaseSettings):
         return providers
 
     def secret_values(self) -> list[str]:
-        """Every secret, so log scrubbing can remove it wherever it shows up."""
+        """Every secret setting's value (each SecretStr field, so a provider's secrets are
+        found without a list kept by hand), for log scrubbing."""
         values = []
-        for field in (
-            self.database_url,
-            self.listen_database_url,
-            self.webhook_secret,
-            self.resend_api_key,
-            self.resend_webhook_secret,
-            self.sendgrid_api_key,
-            self.smtp_password,
-            self.twilio_auth_token,
-            self.fcm_service_account,
-            self.webpush_vapid_private_key,
-            self.unsubscribe_secret,
-        ):
-            if field is not None:
+        for name in type(self).model_fields:
+            field = getattr(self, name)
+            if isinstance(field, SecretStr):
                 raw = field.get_secret_value()
                 values.append(raw)
                 values.extend(part.strip() for part in raw.split(",") if part.strip())
@@ -385,9 +320,25 @@ class Settings(BaseSettings):
         return sorted({v for v in values if v}, key=len, reverse=True)  # longest first
 
 
-def reveal(value: SecretStr | None) -> str | None:
-    """The plain value of a secret setting (at the one place that hands it to a client)."""
-    return value.get_secret_value() if value is not None else None
+def _compose() -> type[CoreSettings]:
+    """CoreSettings plus every provider module's settings: one class, flat PGNOTIFY_* names."""
+    from pgnotify_worker.adapters.providers.catalog import provider_specs  # noqa: PLC0415
+
+    mixins: list[type[BaseModel]] = []
+    for spec in provider_specs().values():
+        if spec.settings not in mixins and spec.settings.model_fields:
+            mixins.append(spec.settings)
+    return type(
+        "Settings",
+        (CoreSettings, *reversed(mixins)),
+        {"__module__": __name__, "__doc__": "Every setting of the worker."},
+    )
+
+
+if TYPE_CHECKING:
+    Settings = CoreSettings
+else:
+    Settings = _compose()
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -404,9 +355,13 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def settings_table() -> str:
-    """The README's settings table, generated from the field descriptions."""
+    """The README's settings table, generated from the field descriptions (the shared settings
+    first, then each provider's)."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    core = list(CoreSettings.model_fields)
+    names = core + [n for n in Settings.model_fields if n not in core]
+    for name in names:
+        field = Settings.model_fields[name]
         if field.default_factory is not None:
             default: Any = field.default_factory()  # type: ignore[call-arg]
         else:

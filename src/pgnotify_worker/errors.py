@@ -34,3 +34,36 @@ class TemplateError(PgnotifyError):
 
 class ProviderConfigError(PgnotifyError):
     """A provider cannot start (missing credential, bad setting)."""
+
+
+class StoreError(PgnotifyError):
+    """A database call failed; adapters.db raises it so driver exceptions stay in adapters/."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        self.operation = operation
+        self.cause_type = type(cause).__name__
+        super().__init__(f"{self.cause_type}: {cause}")
+
+
+class StoreUnavailable(StoreError):
+    """The database is unreachable or restarting: retry with back-off."""
+
+
+class ListenerUnhealthy(PgnotifyError):
+    """The LISTEN connection is open but a NOTIFY round trip did not come back."""
+
+
+class TokenError(PgnotifyError):
+    """An OAuth token endpoint refused or failed; `refused` when retrying cannot help."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        self.refused = refused
+        super().__init__(message)
+
+
+class ScheduleError(PgnotifyError, ValueError):
+    """A cron expression or time zone cannot be used."""
+
+
+class TargetBlocked(PgnotifyError, OSError):
+    """A URL's host resolves only to addresses that deliveries may not reach."""

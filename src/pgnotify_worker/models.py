@@ -115,6 +115,49 @@ Outcome = Sent | Retryable | Permanent | Skipped
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """One attempt's outcome, ready for the batched write-back."""
+
+    id: int
+    attempt: int
+    status: str
+    event: str
+    delay: float
+    error_code: str | None
+    error: str | None
+    provider: str | None
+    provider_message_id: str | None
+    duration_ms: float | None
+    template_version: int | None
+    refund: int = 0
+    hold: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRow:
+    """A stored template version."""
+
+    key: str
+    channel: str
+    locale: str
+    version: int
+    subject: str | None
+    body: str | None
+    html_body: str | None
+
+
+@dataclass
+class ListenerState:
+    """What /readyz and /status report about the listener."""
+
+    connected: bool = False
+    reconnects: int = 0
+    last_error: str | None = None
+    last_ping_ms: float | None = None
+    backend_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WakeChannel:
     """Rows of this channel became ready."""
 

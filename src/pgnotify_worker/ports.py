@@ -1,11 +1,12 @@
-"""The seams: what the dispatcher and worker need from providers and the queue store."""
+"""The seams: what delivery needs from providers, from storage and from metrics. Adapters
+implement them; the delivery package sees nothing else (checked by import-linter)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from pgnotify_worker.models import Notification, Outcome, RenderedMessage
+from pgnotify_worker.models import Completion, Notification, Outcome, RenderedMessage, TemplateRow
 
 
 @runtime_checkable
@@ -25,35 +26,104 @@ class Provider(Protocol):
         ...
 
 
-class QueueStoreLike(Protocol):
-    """The queue operations the worker loop uses (adapters.db.QueueStore implements it)."""
+class DeliveryStore(Protocol):
+    """What delivery needs from storage (adapters.db.QueueStore). Every method raises
+    errors.StoreError (StoreUnavailable when the database is unreachable), never a driver error."""
 
     worker_id: str
 
     async def claim(self, channel: str, limit: int, lease_seconds: float) -> list[Notification]:
-        """Lease ready rows."""
+        """Lease up to `limit` ready rows of a channel."""
         ...
 
-    async def complete(self, batch: Sequence[Any]) -> set[int]:
-        """Write outcomes, fenced by lease and attempt."""
+    async def complete(self, batch: Sequence[Completion]) -> set[int]:
+        """Write outcomes, fenced by lease and attempt; the ids written."""
         ...
 
     async def heartbeat(self, held: Sequence[tuple[int, int]], lease_seconds: float) -> int:
-        """Extend leases."""
+        """Extend the leases of (id, attempt) pairs still held."""
         ...
 
     async def release(self, held: Sequence[tuple[int, int]]) -> dict[str, int]:
-        """Hand claims back."""
+        """Hand claims back; counts per channel."""
         ...
 
     async def reap(self, limit: int = 1000) -> list[tuple[str, int, int]]:
-        """Requeue expired leases."""
+        """Requeue expired leases: (channel, requeued, dead)."""
         ...
 
     async def promote(self, limit: int = 1000) -> dict[str, int]:
-        """Make due scheduled rows ready."""
+        """Make due scheduled rows ready; counts per channel."""
         ...
 
     async def next_due(self) -> float | None:
         """Seconds to the next scheduled row."""
         ...
+
+    async def queue_status(self) -> list[dict[str, Any]]:
+        """Per-channel counts of the queue_status view."""
+        ...
+
+    async def template(self, key: str, channel: str, locales: Sequence[str]) -> TemplateRow | None:
+        """The newest version of a template in the best available locale."""
+        ...
+
+    async def send_facts(self, ids: Sequence[int], addresses: Sequence[str]) -> dict[int, Any]:
+        """Facts for the preference rules, per notification id."""
+        ...
+
+    async def devices_of(self, user_id: str) -> list[tuple[int, str, str]]:
+        """(id, platform, token) of a user's active push devices."""
+        ...
+
+    async def deactivate_device(self, token: str, reason: str) -> bool:
+        """Mark a push token dead."""
+        ...
+
+    async def suppress(
+        self, channel: str, address: str, reason: str, source: str, detail: dict[str, Any] | None
+    ) -> None:
+        """Add an address to the suppression list."""
+        ...
+
+    async def note(
+        self,
+        notification_id: int,
+        event: str,
+        attempt: int,
+        *,
+        provider: str | None = None,
+        error_code: str | None = None,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """An extra event row (per-device push outcomes and the like)."""
+        ...
+
+
+class DeliveryMetrics(Protocol):
+    """What the delivery loop reports (adapters.metrics.Metrics)."""
+
+    def db_error(self, operation: str) -> None:
+        """A database call of the loop failed."""
+
+    def claimed_rows(self, channel: str, count: int) -> None:
+        """One claim returned `count` rows."""
+
+    def in_flight_delta(self, channel: str, delta: int) -> None:
+        """A send started (+1) or ended (-1)."""
+
+    def written(self, size: int) -> None:
+        """One batched write-back."""
+
+    def outcome(self, channel: str, provider: str, outcome: str, e2e: float | None) -> None:
+        """An attempt's outcome."""
+
+    def released(self, channel: str, count: int) -> None:
+        """Unfinished claims handed back."""
+
+    def lease_expired(self, channel: str, count: int) -> None:
+        """Rows requeued by the reaper."""
+
+    def queue(self, rows: list[dict[str, Any]]) -> None:
+        """Queue gauges from the queue_status view."""

@@ -16,20 +16,28 @@ import asyncpg
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
-from pgnotify_worker.adapters.listener import Listener, ListenerState
+from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
-from pgnotify_worker.adapters.providers.registry import ChannelProviders, build_providers
+from pgnotify_worker.adapters.providers.resend import ResendSettings
+from pgnotify_worker.adapters.providers.sendgrid import SendGridSettings
+from pgnotify_worker.adapters.providers.spec import reveal
+from pgnotify_worker.adapters.providers.twilio import TwilioSettings
+from pgnotify_worker.adapters.registry import build_providers
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
-from pgnotify_worker.config import Settings, reveal
+from pgnotify_worker.config import Settings
+from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
-from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
+from pgnotify_worker.delivery.dispatcher import Dispatcher
+from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
-from pgnotify_worker.jobs import JobRunner
+from pgnotify_worker.adapters.jobs import JobRunner
+from pgnotify_worker.models import ListenerState
 from pgnotify_worker.tracing import Tracing
-from pgnotify_worker.worker import Health, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 JOB_STATUS_ERRORS: tuple[type[Exception], ...] = (*db.DB_ERRORS, TimeoutError)
@@ -92,7 +100,7 @@ class Service:
     async def _connect(self) -> asyncpg.Pool | None:
         """Migrate (if set), check the schema version and open the pool; retry while the
         database is unreachable, fail at once on what retrying cannot fix (auth, no database)."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stop_requested.is_set():
             try:
                 conn = await asyncpg.connect(
@@ -123,6 +131,7 @@ class Service:
             except db.DB_UNAVAILABLE as exc:
                 self.health.db_ok = False
                 self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
+                delay = backoff.next()
                 log.warning(
                     "cannot reach the database (%s); retrying in %.1fs",
                     self.health.db_error,
@@ -131,7 +140,6 @@ class Service:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), delay)
-                delay = min(delay * 2, 10.0)
         return None  # stopped before the database came up
 
     async def run(self, *, install_signals: bool = True) -> None:
@@ -140,11 +148,14 @@ class Service:
         async with AsyncExitStack() as stack:
             if install_signals:
                 stack.callback(self._install_signals())
+            resend = ResendSettings.model_validate(s, from_attributes=True)
+            sendgrid = SendGridSettings.model_validate(s, from_attributes=True)
+            twilio = TwilioSettings.model_validate(s, from_attributes=True)
             inbound = Inbound(
                 lambda: self.store,
-                resend_secret=reveal(s.resend_webhook_secret),
-                sendgrid_public_key=s.sendgrid_webhook_public_key,
-                twilio_auth_token=reveal(s.twilio_auth_token),
+                resend_secret=reveal(resend.resend_webhook_secret),
+                sendgrid_public_key=sendgrid.sendgrid_webhook_public_key,
+                twilio_auth_token=reveal(twilio.twilio_auth_token),
                 public_base_url=s.public_base_url,
                 sms_region=s.sms_default_region,
             )
@@ -195,8 +206,13 @@ class Service:
             templates = TemplateStore(store)
             metrics = self.metrics
             tracing = Tracing(enabled=s.tracing)
-            dispatcher = Dispatcher(
+            failover = Failover(
                 self.providers,
+                on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
+                on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
+            )
+            dispatcher = Dispatcher(
+                failover,
                 templates,
                 Renderer(),
                 RetryPolicy(base=s.retry_base_seconds, cap=s.retry_max_seconds),
@@ -204,8 +220,6 @@ class Service:
                 observe_send=lambda c, p, sec: metrics.child(metrics.send_duration, c, p).observe(
                     sec
                 ),
-                on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
-                on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
                 sms_region=s.sms_default_region,
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
                 tracing=tracing,
@@ -261,13 +275,11 @@ class Service:
                     pool,
                     self.worker_id,
                     builtin_commands={
-                        "digest_daily": (
-                            f"SELECT pgnotify.build_digests('daily', now(), {s.digest_hour}, "
-                            f"{s.digest_weekday})"
+                        "digest_daily": queries.digest_job(
+                            "daily", s.digest_hour, s.digest_weekday
                         ),
-                        "digest_weekly": (
-                            f"SELECT pgnotify.build_digests('weekly', now(), {s.digest_hour}, "
-                            f"{s.digest_weekday})"
+                        "digest_weekly": queries.digest_job(
+                            "weekly", s.digest_hour, s.digest_weekday
                         ),
                     },
                     alert=self._alert,
@@ -315,25 +327,19 @@ class Service:
             return
         subject = f"pgnotify job {job} failed {streak} times in a row"
         body = f"The periodic job {job} failed {streak} runs in a row. Last error: {error}"
+        hour = int(time.time() // 3600)
         for target in targets:
             channel, _, address = target.partition(":")
             try:
-                await self.store.pool.fetchval(
-                    queries.ENQUEUE,
+                await self.store.enqueue(
                     channel,
                     address,
-                    None,
-                    {"job": job, "consecutive_failures": streak, "error": error},
-                    subject,
-                    body,
-                    None,
-                    None,
-                    "system_alert",
-                    None,
-                    10,
-                    None,
-                    None,
-                    f"job-alert:{job}:{int(time.time() // 3600)}:{channel}:{address}",
+                    payload={"job": job, "consecutive_failures": streak, "error": error},
+                    subject=subject,
+                    body=body,
+                    category="system_alert",
+                    priority=10,
+                    idempotency_key=f"job-alert:{job}:{hour}:{channel}:{address}",
                 )
             except db.DB_ERRORS as exc:
                 log.error(

@@ -13,10 +13,12 @@ from typing import Any, cast
 import pytest
 
 from pgnotify_worker.adapters.db import QueueStore
-from pgnotify_worker.adapters.providers.registry import ChannelProviders
+from pgnotify_worker.core.circuit import CircuitBreaker
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
-from pgnotify_worker.dispatcher import Dispatcher, TemplateStore
+from pgnotify_worker.delivery.dispatcher import Dispatcher
+from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.models import Notification, Outcome, Retryable
 
 
@@ -33,15 +35,16 @@ class FakeClock:
 def make_dispatcher(
     channels: dict[str, ChannelProviders],
     clock: Callable[[], float] = time.monotonic,
+    on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
+    on_failover: Callable[[str, str], None] = lambda _c, _p: None,
     **kwargs: Any,
 ) -> Dispatcher:
     """A Dispatcher without a database: send_chain, capacity and deliver (no fan-out) need none."""
     return Dispatcher(
-        channels,
+        Failover(channels, on_circuit=on_circuit, on_failover=on_failover, clock=clock),
         TemplateStore(cast(QueueStore, None)),
         Renderer(),
         RetryPolicy(base=0.05, cap=0.2),
-        clock=clock,
         **kwargs,
     )
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
 from pgnotify_worker.adapters import queries
-from pgnotify_worker.models import Notification
+from pgnotify_worker.errors import StoreError, StoreUnavailable
+from pgnotify_worker.models import Completion, Notification, TemplateRow
 
 # Errors that mean "the database is unreachable or restarting": retry with back-off.
 DB_UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -25,8 +25,29 @@ DB_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.InternalClientError,  # a connection broken in the middle of an operation
 )
-# Any failed database call: unreachable, or an error the server reported.
-DB_ERRORS: tuple[type[Exception], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError)
+# Any failed database call: unreachable, an error the server reported, or either of them
+# already translated by a QueueStore method.
+DB_ERRORS: tuple[type[Exception], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError, StoreError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Driver errors leave a store method as StoreUnavailable / StoreError (ports' contract)."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except StoreError:
+            raise
+        except DB_UNAVAILABLE as exc:
+            raise StoreUnavailable(fn.__name__, exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(fn.__name__, exc) from exc
+
+    return call
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -60,38 +81,6 @@ async def create_pool(
     return pool
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """One attempt's outcome, ready for the batched write-back."""
-
-    id: int
-    attempt: int
-    status: str
-    event: str
-    delay: float
-    error_code: str | None
-    error: str | None
-    provider: str | None
-    provider_message_id: str | None
-    duration_ms: float | None
-    template_version: int | None
-    refund: int = 0
-    hold: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TemplateRow:
-    """A stored template version."""
-
-    key: str
-    channel: str
-    locale: str
-    version: int
-    subject: str | None
-    body: str | None
-    html_body: str | None
-
-
 class QueueStore:
     """The worker's view of pgnotify.*: every call is one statement and one round trip."""
 
@@ -99,6 +88,7 @@ class QueueStore:
         self.pool = pool
         self.worker_id = worker_id
 
+    @translated
     async def claim(self, channel: str, limit: int, lease_seconds: float) -> list[Notification]:
         """Lease up to `limit` ready rows of `channel`."""
         rows = await self.pool.fetch(queries.CLAIM, channel, limit, self.worker_id, lease_seconds)
@@ -128,6 +118,7 @@ class QueueStore:
             for r in rows
         ]
 
+    @translated
     async def complete(self, batch: Sequence[Completion]) -> set[int]:
         """Write outcomes; returns the ids actually written (the others lost their lease)."""
         rows = await self.pool.fetch(
@@ -149,6 +140,7 @@ class QueueStore:
         )
         return {r["id"] for r in rows}
 
+    @translated
     async def heartbeat(self, held: Sequence[tuple[int, int]], lease_seconds: float) -> int:
         """Extend the leases of (id, attempt) pairs still held; returns how many."""
         rows = await self.pool.fetch(
@@ -160,6 +152,7 @@ class QueueStore:
         )
         return len(rows)
 
+    @translated
     async def release(self, held: Sequence[tuple[int, int]]) -> dict[str, int]:
         """Hand unfinished claims back; returns released counts per channel."""
         rows = await self.pool.fetch(
@@ -167,26 +160,31 @@ class QueueStore:
         )
         return {r["channel"]: r["released"] for r in rows}
 
+    @translated
     async def reap(self, limit: int = 1000) -> list[tuple[str, int, int]]:
         """Requeue expired leases: (channel, requeued, dead) per channel."""
         rows = await self.pool.fetch(queries.REAP, limit)
         return [(r["channel"], r["requeued"], r["dead"]) for r in rows]
 
+    @translated
     async def promote(self, limit: int = 1000) -> dict[str, int]:
         """Scheduled rows that came due become ready; counts per channel."""
         rows = await self.pool.fetch(queries.PROMOTE, limit)
         return {r["channel"]: r["promoted"] for r in rows}
 
+    @translated
     async def next_due(self) -> float | None:
         """Seconds until the earliest scheduled row is due, or None."""
         value: float | None = await self.pool.fetchval(queries.NEXT_DUE)
         return value
 
+    @translated
     async def template(self, key: str, channel: str, locales: Sequence[str]) -> TemplateRow | None:
         """The newest version of a template in the best available locale."""
         row = await self.pool.fetchrow(queries.TEMPLATE, key, channel, list(locales))
         return TemplateRow(**dict(row)) if row else None
 
+    @translated
     async def inbox_deliver(
         self,
         notification_id: int,
@@ -203,22 +201,26 @@ class QueueStore:
         )
         return value
 
+    @translated
     async def devices_of(self, user_id: str) -> list[tuple[int, str, str]]:
         """(id, platform, token) of a user's active devices."""
         rows = await self.pool.fetch(queries.DEVICES_OF, user_id)
         return [(r["id"], r["platform"], r["token"]) for r in rows]
 
+    @translated
     async def deactivate_device(self, token: str, reason: str) -> bool:
         """Mark a push token dead; True if it was active."""
         status: str = await self.pool.execute(queries.DEACTIVATE_DEVICE, token, reason)
         return status.endswith(" 1")
 
+    @translated
     async def suppress(
         self, channel: str, address: str, reason: str, source: str, detail: dict[str, Any] | None
     ) -> None:
         """Add an address to the suppression list (once)."""
         await self.pool.execute(queries.SUPPRESS, channel, address, reason, source, detail)
 
+    @translated
     async def note(
         self,
         notification_id: int,
@@ -243,6 +245,7 @@ class QueueStore:
             detail,
         )
 
+    @translated
     async def provider_event(
         self,
         provider: str,
@@ -272,11 +275,51 @@ class QueueStore:
             return None
         return row["id"], row["channel"], row["recipient"], row["stored"] > 0
 
+    @translated
     async def send_facts(self, ids: Sequence[int], addresses: Sequence[str]) -> dict[int, Any]:
         """Facts for the preference rules, per notification id (one round trip for a batch)."""
         rows = await self.pool.fetch(queries.SEND_FACTS, list(ids), list(addresses))
         return {r["id"]: r for r in rows}
 
+    @translated
+    async def enqueue(
+        self,
+        channel: str,
+        recipient: str,
+        *,
+        payload: dict[str, Any],
+        subject: str | None = None,
+        body: str | None = None,
+        category: str | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Enqueue one notification through the SQL API (system alerts)."""
+        value: int = await self.pool.fetchval(
+            queries.ENQUEUE,
+            channel,
+            recipient,
+            None,
+            payload,
+            subject,
+            body,
+            None,
+            None,
+            category,
+            None,
+            priority,
+            None,
+            None,
+            idempotency_key,
+        )
+        return value
+
+    @translated
+    async def opt_out(self, user_id: str, category: str) -> None:
+        """Record an unsubscribe ('*' = everything)."""
+        await self.pool.fetchval(queries.OPT_OUT, user_id, category)
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]
@@ -288,8 +331,3 @@ class QueueStore:
         except DB_ERRORS:
             return False
         return True
-
-
-def utcnow() -> dt.datetime:
-    """Wall-clock time, for wire formats (webhook-timestamp) and Retry-After dates only."""
-    return dt.datetime.now(dt.UTC)

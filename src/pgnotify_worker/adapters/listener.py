@@ -5,36 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.db import DB_ERRORS
-from pgnotify_worker.models import Ping, Wake, parse_wake
+from pgnotify_worker.core.backoff import Backoff
+from pgnotify_worker.errors import ListenerUnhealthy
+from pgnotify_worker.models import ListenerState, Ping, Wake, parse_wake
 
 log = logging.getLogger(__name__)
 CHANNEL = "pgnotify"
-
-
-class ListenerUnhealthy(Exception):
-    """The connection is open but a NOTIFY round trip did not come back."""
-
-
-@dataclass
-class ListenerState:
-    """What /readyz and /status report about the listener."""
-
-    connected: bool = False
-    reconnects: int = 0
-    last_error: str | None = None
-    last_ping_ms: float | None = None
-    backend_pid: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Listener:
@@ -81,7 +65,7 @@ class Listener:
 
     async def run(self) -> None:
         """Listen until cancelled; every (re)connect triggers `on_connect` (a full sweep)."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             conn: asyncpg.Connection | None = None
             lost: asyncio.Event = asyncio.Event()
@@ -102,7 +86,7 @@ class Listener:
                 self.on_state_change(self.state)
                 log.info("listener connected", extra={"action": "listener_connected"})
                 self.on_connect()
-                delay = 0.1
+                backoff.reset()
                 await self._watch(conn, lost)
             except Exception as exc:  # whatever broke, the listener comes back
                 was_connected = self.state.connected
@@ -115,17 +99,16 @@ class Listener:
                 expected = isinstance(exc, (*DB_ERRORS, ListenerUnhealthy))
                 log.log(
                     logging.WARNING if expected else logging.ERROR,
-                    "listener lost (%s); reconnecting in %.1fs",
+                    "listener lost (%s); reconnecting in about %.1fs",
                     self.state.last_error,
-                    delay,
+                    backoff.peek(),
                     exc_info=not expected,
                     extra={"action": "listener_lost"},
                 )
             finally:
                 if conn is not None:
                     conn.terminate()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next())
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Ping every interval; return (by raising) when the connection is gone or deaf."""

@@ -170,3 +170,44 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+    # --- what the delivery loop reports (ports.DeliveryMetrics) ---------------------------------
+
+    def db_error(self, operation: str) -> None:
+        """A database call of the loop failed."""
+        self.db_errors.labels(operation).inc()
+
+    def claimed_rows(self, channel: str, count: int) -> None:
+        """One claim returned `count` rows."""
+        self.claim_batch.observe(count)
+        if count:
+            self.claimed.labels(channel).inc(count)
+
+    def in_flight_delta(self, channel: str, delta: int) -> None:
+        """A send started (+1) or ended (-1)."""
+        self.child(self.in_flight, channel).inc(delta)
+
+    def written(self, size: int) -> None:
+        """One batched write-back of `size` outcomes."""
+        self.completion_batch.observe(size)
+
+    def outcome(self, channel: str, provider: str, outcome: str, e2e: float | None) -> None:
+        """An attempt's outcome was written (or lost: outcome lost_lease / released)."""
+        self.child(self.notifications, channel, provider, outcome).inc()
+        if e2e is not None:
+            self.child(self.end_to_end, channel).observe(e2e)
+
+    def released(self, channel: str, count: int) -> None:
+        """Unfinished claims handed back at shutdown."""
+        self.notifications.labels(channel, "none", "released").inc(count)
+
+    def lease_expired(self, channel: str, count: int) -> None:
+        """The reaper requeued or killed rows whose lease ran out."""
+        self.leases_expired.labels(channel).inc(count)
+
+    def queue(self, rows: list[dict[str, Any]]) -> None:
+        """Refresh the queue gauges from the queue_status view."""
+        for row in rows:
+            for state in QUEUE_STATES:
+                self.queue_depth.labels(row["channel"], state).set(row[state])
+            self.oldest_ready.labels(row["channel"]).set(row["oldest_ready_seconds"])

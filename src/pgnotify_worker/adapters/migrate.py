@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from pgnotify_worker import SCHEMA_VERSION
+from pgnotify_worker.adapters import queries
 from pgnotify_worker.errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,9 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 async def applied_version(conn: asyncpg.Connection) -> int:
     """The newest applied migration, 0 on an empty database."""
-    exists = await conn.fetchval("SELECT to_regclass('pgnotify.schema_migrations') IS NOT NULL")
-    if not exists:
+    if not await conn.fetchval(queries.SCHEMA_EXISTS):
         return 0
-    version: int = await conn.fetchval(
-        "SELECT coalesce(max(version), 0) FROM pgnotify.schema_migrations"
-    )
+    version: int = await conn.fetchval(queries.SCHEMA_VERSION)
     return version
 
 

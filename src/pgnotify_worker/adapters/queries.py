@@ -103,34 +103,9 @@ FROM released GROUP BY channel
 
 # reap: requeue up to $1 rows whose lease expired (their worker died or stalled); a row whose
 # attempts are spent goes dead instead, so a row that kills its worker cannot loop forever.
+# The one reaper is the SQL function (schema 0006), also behind requeue_expired_leases().
 REAP = """
-WITH expired AS (
-    SELECT id, locked_by AS lost_worker FROM pgnotify.notifications
-    WHERE status = 'processing' AND locked_until < now()
-    ORDER BY locked_until
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), requeued AS (
-    UPDATE pgnotify.notifications n
-    SET status = CASE WHEN n.attempts >= n.max_attempts THEN 'dead' ELSE 'queued' END,
-        last_error = CASE WHEN n.attempts >= n.max_attempts
-            THEN format('lease expired during attempt %s: the worker stopped responding '
-                        '(gave up after %s attempts)', n.attempts, n.attempts)
-            ELSE n.last_error END,
-        locked_by = NULL, locked_until = NULL, updated_at = now()
-    FROM expired WHERE n.id = expired.id
-    RETURNING n.id, n.channel, n.status, n.attempts, expired.lost_worker
-), logged AS (
-    INSERT INTO pgnotify.events (notification_id, event, attempt, worker, error_code, error)
-    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'lease_expired' END, attempts,
-           lost_worker, 'lease_expired',
-           format('lease of worker %s expired during attempt %s', lost_worker, attempts)
-    FROM requeued
-)
-SELECT channel, count(*) FILTER (WHERE status = 'queued') AS requeued,
-       count(*) FILTER (WHERE status = 'dead') AS dead,
-       pg_notify('pgnotify', channel) AS woken
-FROM requeued GROUP BY channel
+SELECT channel, requeued, dead FROM pgnotify.reap_expired_leases($1)
 """
 
 # promote: up to $1 scheduled rows whose time has come become ready; wakes every replica.
@@ -192,6 +167,15 @@ ALIVE = "SELECT 1"
 
 # schema_version: the newest migration applied.
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM pgnotify.schema_migrations"
+
+# schema_exists: whether any migration ever ran here (the migrations table exists).
+SCHEMA_EXISTS = "SELECT to_regclass('pgnotify.schema_migrations') IS NOT NULL"
+
+# in_seconds: the database clock $1 seconds from now (timestamps come from the database).
+IN_SECONDS = "SELECT now() + make_interval(secs => $1)"
+
+# statement_timeout: a transaction-local statement timeout ($1 like '30s'), pooler-safe.
+STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
 
 # enqueue: the SQL API, as the CLI calls it.
 ENQUEUE = """
@@ -367,3 +351,11 @@ ALL = {
     for name, value in dict(globals()).items()
     if name.isupper() and isinstance(value, str) and not name.startswith("_")
 }
+
+
+def digest_job(period: str, hour: int, weekday: int) -> str:
+    """The stored command of a built-in digest job (text kept in pgnotify.jobs.command, so it
+    is data, not a statement we run with parameters); only known words and integers go in."""
+    if period not in ("daily", "weekly"):
+        raise ValueError(f"unknown digest period {period!r}")
+    return f"SELECT pgnotify.build_digests('{period}', now(), {int(hour)}, {int(weekday)})"

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.db import DB_ERRORS, QueueStore
 from pgnotify_worker.core.unsubscribe import ALL, TokenInvalid, read_token
 
@@ -57,7 +56,7 @@ class UnsubscribePages:
         if store is None:
             return 503, "please try again in a minute"
         try:
-            await store.pool.fetchval(queries.OPT_OUT, wanted.user_id, wanted.category)
+            await store.opt_out(wanted.user_id, wanted.category)
         except DB_ERRORS:
             return 503, "please try again in a minute"
         log.info(

@@ -7,9 +7,7 @@ import zoneinfo
 
 from cronsim import CronSim, CronSimError
 
-
-class ScheduleError(ValueError):
-    """A schedule or time zone that cannot be used."""
+from pgnotify_worker.errors import ScheduleError
 
 
 def next_run(schedule: str, timezone: str, after: dt.datetime) -> dt.datetime:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from pydantic import BaseModel, Field
+
+from pgnotify_worker.adapters.providers.spec import NoSettings, ProviderSpec
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.models import Outcome, RenderedMessage, Sent
 
@@ -76,3 +79,29 @@ class FileProvider:
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
         return Sent(f"file-{message.notification_id}")
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class FileSinkSettings(BaseModel):
+    """The file dev sink's settings."""
+
+    file_sink_path: Path = Field(
+        Path(".pgnotify/outbox.jsonl"), description="Where the file dev sink appends JSON lines."
+    )
+
+
+ALL_CHANNELS = frozenset({"email", "sms", "push", "webhook", "inapp"})
+SPECS = (
+    ProviderSpec(
+        "console", ALL_CHANNELS, NoSettings, lambda _cfg, _ctx: ConsoleProvider(), dev_sink=True
+    ),
+    ProviderSpec(
+        "file",
+        ALL_CHANNELS,
+        FileSinkSettings,
+        lambda cfg, _ctx: FileProvider(cfg.file_sink_path),
+        dev_sink=True,
+    ),
+)

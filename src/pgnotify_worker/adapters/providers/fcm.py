@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from pydantic import BaseModel, Field, SecretStr
+
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenError, TokenSource
-from pgnotify_worker.core.classify import classify_fcm
-from pgnotify_worker.errors import ProviderConfigError
-from pgnotify_worker.models import Outcome, RenderedMessage, Retryable, Sent
+from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenSource
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
+from pgnotify_worker.errors import ProviderConfigError, TokenError
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 RESERVED_DATA_KEYS = ("from", "message_type", "notification")
@@ -102,3 +106,54 @@ class FcmProvider(http.HttpProvider):
             return Sent(found["name"])
         code, text = fcm_error(found)
         return classify_fcm(answer.status, code, text, answer.headers, self.now())
+
+
+# --- how its answers are classified ---------------------------------------------------------
+
+FCM_DEAD_TOKEN = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+
+
+def classify_fcm(
+    status: int, error_code: str | None, message: str, headers: Mapping[str, str], now: dt.datetime
+) -> Outcome:
+    """FCM v1 FcmError codes (https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode)."""
+    what = f"fcm {error_code or status}"
+    if error_code in FCM_DEAD_TOKEN or (status == 404 and error_code is None):
+        return Permanent(
+            f"fcm_{error_code or 'not_found'}", f"{what}: token no longer valid", deactivate=True
+        )
+    if error_code == "INVALID_ARGUMENT" or status == 400:
+        dead = "registration token" in message.lower() and "not a valid" in message.lower()
+        return Permanent("fcm_INVALID_ARGUMENT", f"{what}: {message}", deactivate=dead)
+    if error_code in ("THIRD_PARTY_AUTH_ERROR", "APNS_AUTH_ERROR") or status in (401, 403):
+        return Retryable(f"fcm_{error_code or status}", f"{what}: {message}", None, trip=True)
+    if error_code == "QUOTA_EXCEEDED" or status == 429:
+        wait = retry_after_from(headers, now) or 60.0  # FCM: at least a minute for quota errors
+        return Retryable("fcm_QUOTA_EXCEEDED", what, wait, throttled=True)
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return classify_http(status, headers, now, what="fcm")
+    return Permanent(f"fcm_{error_code or status}", f"{what}: {message}")
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class FcmSettings(BaseModel):
+    """fcm settings (PGNOTIFY_FCM_*)."""
+
+    fcm_service_account: SecretStr | None = Field(
+        None, description="FCM service-account key: the JSON itself, or the path of the JSON file."
+    )
+    fcm_base_url: str = Field("https://fcm.googleapis.com", description="FCM API base URL.")
+
+
+def _build(cfg: FcmSettings, ctx: Context) -> Provider:
+    return FcmProvider(
+        reveal(cfg.fcm_service_account),
+        base_url=cfg.fcm_base_url,
+        timeout=ctx.settings.provider_timeout,
+    )
+
+
+# FCM allows 600,000 per minute per project.
+SPECS = (ProviderSpec("fcm", frozenset({"push"}), FcmSettings, _build, default_rate="500/500"),)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TokenError
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL: Google's aud
@@ -83,14 +83,6 @@ def assertion(account: ServiceAccount, now: float, scope: str = SCOPE) -> str:
         signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()
     )
     return f"{signing_input}.{_b64(signature)}"
-
-
-class TokenError(Exception):
-    """The token endpoint refused (bad key: permanent for everyone) or failed (retry later)."""
-
-    def __init__(self, message: str, *, refused: bool) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 class TokenSource:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from pgnotify_worker.adapters.db import DB_UNAVAILABLE, QueueStore
+from pgnotify_worker.adapters.providers.spec import NoSettings, ProviderSpec
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
 
 
@@ -37,3 +38,10 @@ class InAppProvider:
         except asyncpg.PostgresError as exc:
             return Permanent("inbox_rejected", f"inbox write rejected: {exc.sqlstate}")
         return Sent(f"inbox-{inbox_id}")
+
+
+SPECS = (
+    ProviderSpec(
+        "inapp", frozenset({"inapp"}), NoSettings, lambda _cfg, ctx: InAppProvider(ctx.store)
+    ),
+)

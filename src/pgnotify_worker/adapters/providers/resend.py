@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
 
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
@@ -14,9 +16,11 @@ from pgnotify_worker.adapters.providers.email_common import (
     parse_sender,
     unsubscribe_headers,
 )
-from pgnotify_worker.core.classify import classify_resend
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError
-from pgnotify_worker.models import Outcome, RenderedMessage, Sent
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 
 class ResendProvider(http.HttpProvider):
@@ -77,3 +81,63 @@ class ResendProvider(http.HttpProvider):
             answer.headers,
             self.now(),
         )
+
+
+# --- how its answers are classified ---------------------------------------------------------
+
+RESEND_TRIP = frozenset(
+    {
+        "missing_api_key",
+        "restricted_api_key",
+        "invalid_api_key",
+        "daily_quota_exceeded",
+        "monthly_quota_exceeded",
+    }
+)
+
+
+def classify_resend(
+    status: int, name: str | None, message: str, headers: Mapping[str, str], now: dt.datetime
+) -> Outcome:
+    """Resend's error `name`s (https://resend.com/docs/api-reference/errors)."""
+    what = f"resend {name or status}"
+    if name in RESEND_TRIP or (status == 403 and name == "validation_error"):
+        # credentials, an unverified domain, a spent quota: every send would fail the same way
+        quota = name in ("daily_quota_exceeded", "monthly_quota_exceeded")
+        wait = retry_after_from(headers, now) if quota else None
+        return Retryable(f"resend_{name}", f"{what}: {message}", wait, trip=True)
+    if name == "rate_limit_exceeded":
+        return Retryable(
+            "resend_rate_limited", f"{what}", retry_after_from(headers, now), throttled=True
+        )
+    if name == "concurrent_idempotent_requests":
+        return Retryable("resend_concurrent", f"{what}: the first attempt is still in flight", 1.0)
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return classify_http(status, headers, now, what="resend")
+    return Permanent(f"resend_{name or status}", f"{what}: {message}")
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class ResendSettings(BaseModel):
+    """resend settings (PGNOTIFY_RESEND_*)."""
+
+    resend_api_key: SecretStr | None = Field(None, description="Resend API key (re_...).")
+    resend_base_url: str = Field("https://api.resend.com", description="Resend API base URL.")
+    resend_webhook_secret: SecretStr | None = Field(
+        None, description="Resend webhook signing secret (whsec_...) for POST /webhooks/resend."
+    )
+
+
+def _build(cfg: ResendSettings, ctx: Context) -> Provider:
+    return ResendProvider(
+        reveal(cfg.resend_api_key),
+        ctx.settings.email_from,
+        base_url=cfg.resend_base_url,
+        timeout=ctx.settings.provider_timeout,
+    )
+
+
+# Resend's own pages say 2, 5 and 10 per second per team; its current page says 5.
+SPECS = (ProviderSpec("resend", frozenset({"email"}), ResendSettings, _build, default_rate="5/5"),)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
 
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
@@ -13,9 +15,11 @@ from pgnotify_worker.adapters.providers.email_common import (
     parse_sender,
     unsubscribe_headers,
 )
-from pgnotify_worker.core.classify import classify_sendgrid
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http
 from pgnotify_worker.errors import ProviderConfigError
-from pgnotify_worker.models import Outcome, RenderedMessage
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 
 class SendGridProvider(http.HttpProvider):
@@ -97,3 +101,53 @@ class SendGridProvider(http.HttpProvider):
             self.now(),
             answer.headers.get("X-Message-Id"),
         )
+
+
+# --- how its answers are classified ---------------------------------------------------------
+
+
+def classify_sendgrid(
+    status: int, message: str, headers: Mapping[str, str], now: dt.datetime, message_id: str | None
+) -> Outcome:
+    """SendGrid v3 mail/send: 202 accepted; 401/403/451 pause; 429 reset header; 5xx retry."""
+    if status in (200, 202):
+        return Sent(message_id)
+    if status in (401, 403, 451):
+        return Retryable(
+            f"sendgrid_{status}", f"sendgrid HTTP {status}: {message}", None, trip=True
+        )
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return classify_http(status, headers, now, what="sendgrid")
+    return Permanent(f"sendgrid_{status}", f"sendgrid HTTP {status}: {message}")
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class SendGridSettings(BaseModel):
+    """sendgrid settings (PGNOTIFY_SENDGRID_*)."""
+
+    sendgrid_api_key: SecretStr | None = Field(None, description="SendGrid API key (SG....).")
+    sendgrid_base_url: str = Field("https://api.sendgrid.com", description="SendGrid API base URL.")
+    sendgrid_webhook_public_key: str | None = Field(
+        None,
+        description="SendGrid Signed Event Webhook public key (base64), for POST "
+        "/webhooks/sendgrid.",
+    )
+
+
+def _build(cfg: SendGridSettings, ctx: Context) -> Provider:
+    return SendGridProvider(
+        reveal(cfg.sendgrid_api_key),
+        ctx.settings.email_from,
+        base_url=cfg.sendgrid_base_url,
+        timeout=ctx.settings.provider_timeout,
+    )
+
+
+# SendGrid publishes no mail/send limit.
+SPECS = (
+    ProviderSpec(
+        "sendgrid", frozenset({"email"}), SendGridSettings, _build, default_rate="100/100"
+    ),
+)

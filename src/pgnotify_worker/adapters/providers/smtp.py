@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import ssl
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
+from pydantic import BaseModel, Field, SecretStr
 
 from pgnotify_worker.adapters.providers.email_common import (
     format_sender,
@@ -18,9 +20,10 @@ from pgnotify_worker.adapters.providers.email_common import (
     parse_sender,
     unsubscribe_headers,
 )
-from pgnotify_worker.core.classify import classify_smtp
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 Security = Literal["starttls", "tls", "none"]
 
@@ -155,3 +158,54 @@ async def _quit(client: aiosmtplib.SMTP | None) -> None:
         await client.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
         client.close()
+
+
+# --- how its answers are classified ---------------------------------------------------------
+
+
+def classify_smtp(code: int, message: str) -> Outcome:
+    """SMTP reply codes: 4xx transient, 5xx permanent (530/535 bad credentials: pause)."""
+    text = f"smtp {code}: {message}"[:300]
+    if code in (530, 534, 535, 538):
+        return Retryable(f"smtp_{code}", text, None, trip=True)
+    if 400 <= code < 500:
+        return Retryable(f"smtp_{code}", text, None, throttled=code in (421, 450, 451, 452))
+    if re.search(r"\b5\.1\.(?:0|1|10)\b", message):  # enhanced status: no such mailbox
+        return Permanent(f"smtp_{code}", text, suppress="hard_bounce")
+    return Permanent(f"smtp_{code}", text)
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class SmtpSettings(BaseModel):
+    """smtp settings (PGNOTIFY_SMTP_*)."""
+
+    smtp_host: str | None = Field(None, description="SMTP server host.")
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP server port.")
+    smtp_security: Literal["starttls", "tls", "none"] = Field(
+        "starttls", description="starttls (587), tls (implicit, 465) or none (local relays only)."
+    )
+    smtp_username: str | None = Field(None, description="SMTP user name (none: no AUTH).")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_ca_file: Path | None = Field(
+        None, description="CA bundle to trust for the SMTP server's certificate (default: system)."
+    )
+    smtp_connections: int = Field(4, ge=1, le=100, description="SMTP connections kept open.")
+
+
+def _build(cfg: SmtpSettings, ctx: Context) -> Provider:
+    return SmtpProvider(
+        cfg.smtp_host,
+        ctx.settings.email_from,
+        port=cfg.smtp_port,
+        security=cfg.smtp_security,
+        username=cfg.smtp_username,
+        password=reveal(cfg.smtp_password),
+        ca_file=cfg.smtp_ca_file,
+        timeout=ctx.settings.provider_timeout,
+        connections=cfg.smtp_connections,
+    )
+
+
+SPECS = (ProviderSpec("smtp", frozenset({"email"}), SmtpSettings, _build, default_rate="10/10"),)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from pydantic import BaseModel, Field, SecretStr
 
 from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.core.addresses import to_e164
-from pgnotify_worker.core.classify import classify_twilio
+from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError
-from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 
 class TwilioProvider(http.HttpProvider):
@@ -90,3 +94,64 @@ class TwilioProvider(http.HttpProvider):
             answer.headers,
             self.now(),
         )
+
+
+# --- how its answers are classified ---------------------------------------------------------
+
+TWILIO_BAD_NUMBER = frozenset({21211, 21612, 21614, 21635, 30005, 30006})
+TWILIO_CONFIG = frozenset({20003, 21606, 21608, 21408, 20404})
+
+
+def classify_twilio(
+    status: int, code: int | None, message: str, headers: Mapping[str, str], now: dt.datetime
+) -> Outcome:
+    """Twilio error codes (https://www.twilio.com/docs/api/errors)."""
+    what = f"twilio {code or status}"
+    if code == 21610:
+        return Permanent(
+            "twilio_21610", f"{what}: the recipient replied STOP", suppress="unsubscribed"
+        )
+    if code in TWILIO_BAD_NUMBER:
+        return Permanent(f"twilio_{code}", f"{what}: {message}", suppress="invalid_number")
+    if code in TWILIO_CONFIG or status == 401:
+        return Retryable(f"twilio_{code or status}", f"{what}: {message}", None, trip=True)
+    if code == 20429 or status == 429:
+        return Retryable("twilio_20429", what, retry_after_from(headers, now), throttled=True)
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return classify_http(status, headers, now, what="twilio")
+    return Permanent(f"twilio_{code or status}", f"{what}: {message}")
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class TwilioSettings(BaseModel):
+    """twilio settings (PGNOTIFY_TWILIO_*)."""
+
+    twilio_account_sid: str | None = Field(None, description="Twilio Account SID (AC...).")
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio Auth Token (also checks status-callback signatures)."
+    )
+    twilio_from: str | None = Field(None, description="Sender number (E.164) or alphanumeric id.")
+    twilio_messaging_service_sid: str | None = Field(
+        None, description="Messaging Service SID (MG...); used instead of twilio_from when set."
+    )
+    twilio_base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
+
+
+def _build(cfg: TwilioSettings, ctx: Context) -> Provider:
+    base = ctx.settings.public_base_url
+    return TwilioProvider(
+        cfg.twilio_account_sid,
+        reveal(cfg.twilio_auth_token),
+        sender=cfg.twilio_from,
+        messaging_service_sid=cfg.twilio_messaging_service_sid,
+        region=ctx.settings.sms_default_region,
+        status_callback=f"{base.rstrip('/')}/webhooks/twilio" if base else None,
+        base_url=cfg.twilio_base_url,
+        timeout=ctx.settings.provider_timeout,
+    )
+
+
+# Twilio queues what it cannot send at once.
+SPECS = (ProviderSpec("twilio", frozenset({"sms"}), TwilioSettings, _build, default_rate="50/50"),)

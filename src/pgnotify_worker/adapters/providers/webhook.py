@@ -13,21 +13,20 @@ from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from pydantic import BaseModel, Field, SecretStr
 from yarl import URL
 
 from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.core import netguard, signing
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TargetBlocked
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
+from pgnotify_worker.ports import Provider
 from pgnotify_worker.tracing import inject
 
 _COMPACT = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False
 )  # built once: dumps(**kw) is not
-
-
-class TargetBlocked(OSError):
-    """Every address of the target host is in a refused range."""
 
 
 class GuardedResolver(AbstractResolver):
@@ -192,3 +191,29 @@ class WebhookProvider:
     def describe(self) -> dict[str, Any]:
         """For /status: nothing secret."""
         return {"signing_keys": len(self.keys), "allowed_networks": [str(n) for n in self.allowed]}
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class WebhookSettings(BaseModel):
+    """webhook settings (PGNOTIFY_WEBHOOK_*)."""
+
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret (whsec_<base64>); several comma-separated "
+        "during rotation (each request carries every signature).",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds a webhook request may take.")
+
+
+def _build(cfg: WebhookSettings, ctx: Context) -> Provider:
+    return WebhookProvider(
+        reveal(cfg.webhook_secret),
+        timeout=cfg.webhook_timeout,
+        allowed_networks=ctx.settings.webhook_allowed_networks,
+        concurrency=ctx.settings.concurrency_for("webhook"),
+    )
+
+
+SPECS = (ProviderSpec("webhook", frozenset({"webhook"}), WebhookSettings, _build),)

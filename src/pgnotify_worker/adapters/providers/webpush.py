@@ -9,18 +9,20 @@ import time
 from collections.abc import Callable, Sequence
 
 import aiohttp
+from pydantic import BaseModel, Field, SecretStr
 from yarl import URL
 
 from pgnotify_worker.adapters.providers import http
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.adapters.providers.webhook import (
     GuardedResolver,
-    TargetBlocked,
     literal_refusal,
 )
 from pgnotify_worker.core import netguard, webpush
 from pgnotify_worker.core.classify import classify_http
-from pgnotify_worker.errors import ProviderConfigError
+from pgnotify_worker.errors import ProviderConfigError, TargetBlocked
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
+from pgnotify_worker.ports import Provider
 
 
 class WebPushProvider:
@@ -124,3 +126,35 @@ class WebPushProvider:
         if isinstance(outcome, Sent):
             return Sent(answer.headers.get("Location") or f"webpush-{message.notification_id}")
         return outcome
+
+
+# --- settings and construction (read by the registry and the settings table) -------------------
+
+
+class WebPushSettings(BaseModel):
+    """webpush settings (PGNOTIFY_WEBPUSH_*)."""
+
+    webpush_vapid_private_key: SecretStr | None = Field(
+        None, description="VAPID private key for Web Push (PEM, or the raw key in base64url)."
+    )
+    webpush_subject: str | None = Field(
+        None, description="VAPID contact: mailto:ops@example.com or an https URL."
+    )
+    webpush_ttl: int = Field(
+        86_400, ge=0, description="Seconds a push service keeps a message for an offline browser."
+    )
+
+
+def _build(cfg: WebPushSettings, ctx: Context) -> Provider:
+    return WebPushProvider(
+        reveal(cfg.webpush_vapid_private_key),
+        cfg.webpush_subject,
+        ttl=cfg.webpush_ttl,
+        timeout=ctx.settings.provider_timeout,
+        allowed_networks=ctx.settings.webhook_allowed_networks,
+    )
+
+
+SPECS = (
+    ProviderSpec("webpush", frozenset({"push"}), WebPushSettings, _build, default_rate="100/100"),
+)

@@ -1,5 +1,5 @@
-"""One delivery through the ports: template -> render -> providers (rate limit, circuit, failover)
--> classify -> resolution."""
+"""One delivery through the ports: decide (preferences, expiry) -> render -> send (failover)
+-> classify -> the resolution the worker writes back."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pgnotify_worker.adapters.db import DB_ERRORS, Completion, QueueStore, TemplateRow
-from pgnotify_worker.adapters.providers.registry import ChannelProviders, ProviderSlot
 from pgnotify_worker.core.addresses import normalize
-from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.preferences import Decision, Facts, Send, decide
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.state import Event, Resolution, Status, decision_resolution, resolve
 from pgnotify_worker.core.templates import Renderer, TemplateParts, build_context
-from pgnotify_worker.errors import TemplateError
+from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.errors import StoreError, TemplateError
 from pgnotify_worker.models import (
+    Completion,
     Notification,
     Outcome,
     Permanent,
@@ -31,7 +31,7 @@ from pgnotify_worker.models import (
     Sent,
     Skipped,
 )
-from pgnotify_worker.ports import Provider
+from pgnotify_worker.ports import DeliveryStore
 from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -58,48 +58,6 @@ OUTCOME_LABEL = {
 }
 
 
-def locale_chain(locale: str | None) -> list[str]:
-    """fr-CA -> [fr-CA, fr, ''] ; None -> ['']."""
-    chain: list[str] = []
-    if locale:
-        tag = locale.replace("_", "-")
-        chain.append(tag)
-        if locale != tag:
-            chain.append(locale)
-        language = tag.split("-", 1)[0]
-        if language not in chain:
-            chain.append(language)
-    chain.append("")
-    return chain
-
-
-class TemplateStore:
-    """Stored templates with a short cache, dropped at once when pgnotify.templates changes."""
-
-    def __init__(
-        self, store: QueueStore, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.store = store
-        self.ttl = ttl
-        self.clock = clock
-        self._cache: dict[tuple[str, str, str], tuple[float, TemplateRow | None]] = {}
-
-    def invalidate(self) -> None:
-        """Forget everything (NOTIFY 'templates' arrived)."""
-        self._cache.clear()
-
-    async def get(self, key: str, channel: str, locale: str | None) -> TemplateRow | None:
-        """The best template row for key/channel/locale, or None when none exists."""
-        cache_key = (key, channel, locale or "")
-        hit = self._cache.get(cache_key)
-        now = self.clock()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        row = await self.store.template(key, channel, locale_chain(locale))
-        self._cache[cache_key] = (now + self.ttl, row)
-        return row
-
-
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A finished attempt: what to write back, and what to measure once it is written."""
@@ -116,51 +74,46 @@ class Dispatcher:
 
     def __init__(
         self,
-        channels: dict[str, ChannelProviders],
+        failover: Failover,
         templates: TemplateStore,
         renderer: Renderer,
         policy: RetryPolicy,
         *,
-        store: QueueStore | None = None,
+        store: DeliveryStore | None = None,
         observe_send: Callable[[str, str, float], None] = lambda _c, _p, _s: None,
-        on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
-        on_failover: Callable[[str, str], None] = lambda _c, _p: None,
         rand: Callable[[], float] = random.random,
-        clock: Callable[[], float] = time.monotonic,
         sms_region: str = "US",
         unsubscribe_url: Callable[[str, str | None], str] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
-        self.channels = channels
+        self.failover = failover
         self.templates = templates
         self.renderer = renderer
         self.policy = policy
         self.store = store
         self.observe_send = observe_send
-        self.on_circuit = on_circuit
-        self.on_failover = on_failover
         self.rand = rand
-        self.clock = clock
         self.sms_region = sms_region
         self.unsubscribe_url = unsubscribe_url
         self.tracing = tracing or Tracing(enabled=False)
         self._facts: dict[int, Any] = {}  # prefetched per claim batch, consumed by deliver()
 
-    # --- circuits: what the claim loop may take -------------------------------------------------
+    @property
+    def channels(self) -> dict[str, ChannelProviders]:
+        """The providers of each channel."""
+        return self.failover.channels
 
     def capacity(self, channel: str, free: int) -> int:
-        """Rows to claim: every free slot while a provider's circuit is closed, one probe while
-        the best is half-open, none while all are open (nothing is burned on a dead service)."""
-        slots = self.channels[channel].slots
-        if any(slot.breaker.state is CircuitState.CLOSED for slot in slots):
-            return free
-        now = self.clock()
-        return min(free, 1) if any(slot.breaker.allows(now) for slot in slots) else 0
+        """Rows the claim loop may take (see Failover.capacity)."""
+        return self.failover.capacity(channel, free)
 
     def blocked_for(self, channel: str) -> float:
         """Seconds until some provider of the channel may be tried again."""
-        now = self.clock()
-        return min((slot.breaker.opens_in(now) for slot in self.channels[channel].slots), default=0)
+        return self.failover.blocked_for(channel)
+
+    async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
+        """Send through the channel's providers in failover order."""
+        return await self.failover.send_chain(channel, message)
 
     # --- send-time rules: preferences, consent, suppression, quiet hours, expiry ------------------
 
@@ -174,7 +127,7 @@ class Dispatcher:
         wanted = [n for n in rows if self.needs_facts(n)]
         if not wanted or self.store is None:
             return
-        with contextlib.suppress(*DB_ERRORS):  # on failure each row asks again by itself
+        with contextlib.suppress(StoreError):  # on failure each row asks again by itself
             self._facts.update(
                 await self.store.send_facts(
                     [n.id for n in wanted],
@@ -279,97 +232,6 @@ class Dispatcher:
                     todo.append((source, html))
         return found
 
-    # --- sending --------------------------------------------------------------------------------
-
-    async def _call(self, provider: Provider, message: RenderedMessage) -> Outcome:
-        try:
-            return await provider.send(message)
-        except Exception:  # a provider bug must not kill the worker; the attempt is retried
-            log.exception(
-                "provider %s raised while sending notification %s",
-                provider.name,
-                message.notification_id,
-                extra={"action": "provider_crash", "notification_id": message.notification_id},
-            )
-            return Retryable(
-                "provider_crash", f"provider {provider.name} raised an unexpected error"
-            )
-
-    def _record(self, slot: ProviderSlot, outcome: Outcome, before: CircuitState) -> None:
-        """Feed the provider's circuit: an answer closes it, a run of failures opens it."""
-        breaker = slot.breaker
-        if isinstance(outcome, Retryable) and not outcome.throttled:
-            if breaker.failure(self.clock(), outcome.message, trip=outcome.trip):
-                log.warning(
-                    "provider %s paused for %.0fs: %s",
-                    slot.name,
-                    breaker.open_seconds,
-                    outcome.message,
-                    extra={"action": "circuit_open", "provider": slot.name},
-                )
-        else:
-            breaker.success()
-            if before is not CircuitState.CLOSED:
-                log.info(
-                    "provider %s answers again",
-                    slot.name,
-                    extra={"action": "circuit_closed", "provider": slot.name},
-                )
-        if breaker.state is not before:
-            self.on_circuit(slot.name, breaker)
-
-    async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
-        """Try the channel's providers in order: a retryable failure or an open circuit moves on
-        to the next; the first answer that is not retryable (or the last failure) wins."""
-        last: tuple[Outcome, str] | None = None
-        moved_on = False
-        for slot in self.channels[channel].slots:
-            handles = getattr(slot.provider, "handles", None)  # an address this provider can use?
-            if handles is not None and not handles(message.recipient):
-                continue
-            before = slot.breaker.state
-            if not slot.breaker.acquire(self.clock()):
-                moved_on = True  # paused: the next provider takes it
-                continue
-            if slot.breaker.state is not before:
-                self.on_circuit(slot.name, slot.breaker)  # open -> half-open: this is the probe
-                before = slot.breaker.state
-            outcome: Outcome | None = None
-            try:
-                if slot.bucket is not None:
-                    wait = slot.bucket.reserve(self.clock())
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                outcome = await self._call(slot.provider, message)
-            finally:
-                if outcome is None:  # cancelled before an answer: free the half-open probe
-                    slot.breaker.release()
-            self._record(slot, outcome, before)
-            if moved_on:
-                self.on_failover(channel, slot.name)
-            if not isinstance(outcome, Retryable):
-                return outcome, slot.name
-            last = (outcome, slot.name)
-            moved_on = True
-        if last is not None:
-            return last
-        slots = [
-            slot
-            for slot in self.channels[channel].slots
-            if getattr(slot.provider, "handles", lambda _r: True)(message.recipient)
-        ]
-        if not slots:
-            return Permanent("no_provider", f"no {channel} provider handles this address"), "none"
-        reasons = "; ".join(f"{slot.name}: {slot.breaker.reason}" for slot in slots)
-        return (
-            Retryable(
-                "circuit_open",
-                f"every {channel} provider is paused ({reasons})",
-                self.blocked_for(channel) or None,
-            ),
-            "none",
-        )
-
     async def _fan_out(self, n: Notification, message: RenderedMessage) -> tuple[Outcome, str]:
         """A push to a user goes to each active device; it is sent when one device accepted it."""
         assert self.store is not None
@@ -416,7 +278,7 @@ class Dispatcher:
                 normalized = normalize(channel, address, self.sms_region)
                 detail = {"notification_id": n.id, "code": outcome.code}
                 await self.store.suppress(channel, normalized, outcome.suppress, provider, detail)
-        except DB_ERRORS as exc:
+        except StoreError as exc:
             log.warning(
                 "could not record that %s is dead: %s",
                 mask_recipient(channel, address),
@@ -435,7 +297,7 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             verdict = await self.decision(n)
-        except DB_ERRORS:
+        except StoreError:
             unavailable = Retryable("database", "preference lookup failed: database unavailable")
             resolution = resolve(unavailable, n.attempt, n.max_attempts, self.policy, self.rand())
             return self._delivery(n, resolution, "none", started, None, None)
@@ -450,13 +312,13 @@ class Dispatcher:
             message, version = await self.render(n)
         except TemplateError as exc:
             outcome = Permanent(exc.code, exc.message)
-        except DB_ERRORS:
+        except StoreError:
             outcome = Retryable("database", "template lookup failed: database unavailable")
         else:
             if n.channel == "push" and n.recipient.startswith("user:") and self.store is not None:
                 try:
                     outcome, provider_name = await self._fan_out(n, message)
-                except DB_ERRORS:
+                except StoreError:
                     outcome = Retryable("database", "device lookup failed: database unavailable")
             else:
                 outcome, provider_name = await self.send_chain(n.channel, message)

@@ -12,11 +12,12 @@ from typing import Any
 
 import anyio
 
-from pgnotify_worker.adapters.db import DB_ERRORS, DB_UNAVAILABLE, QueueStore
-from pgnotify_worker.adapters.listener import ListenerState
-from pgnotify_worker.adapters.metrics import QUEUE_STATES, Metrics
-from pgnotify_worker.dispatcher import Delivery, Dispatcher, TemplateStore
+from pgnotify_worker.core.backoff import Backoff
+from pgnotify_worker.delivery.dispatcher import Delivery, Dispatcher
+from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.errors import StoreError, StoreUnavailable
 from pgnotify_worker.models import (
+    ListenerState,
     Notification,
     Ping,
     TemplatesChanged,
@@ -25,6 +26,7 @@ from pgnotify_worker.models import (
     WakeChannel,
     WakeScheduled,
 )
+from pgnotify_worker.ports import DeliveryMetrics, DeliveryStore
 from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,10 @@ class Worker:
 
     def __init__(
         self,
-        store: QueueStore,
+        store: DeliveryStore,
         dispatcher: Dispatcher,
         templates: TemplateStore,
-        metrics: Metrics,
+        metrics: DeliveryMetrics,
         health: Health,
         channels: dict[str, int],
         config: WorkerSettings,
@@ -118,6 +120,9 @@ class Worker:
         self._idle.set()
         self._sends: set[asyncio.Task[None]] = set()  # plain tasks: the hot path, cheapest spawn
         self._last_sweep = 0.0
+        self._outage = False  # a call found the database unreachable since the last success
+        self._renew_now = asyncio.Event()  # heartbeat at once (after an outage)
+        self._recovered_at = -float("inf")
 
     # --- wake-ups ------------------------------------------------------------------------------
 
@@ -160,11 +165,12 @@ class Worker:
             await self._stop.wait()
 
     def _db_failed(self, operation: str, exc: BaseException) -> None:
-        self.metrics.db_errors.labels(operation).inc()
-        if isinstance(exc, DB_UNAVAILABLE):
+        self.metrics.db_error(operation)
+        if isinstance(exc, StoreUnavailable):
             self.health.db_ok = False
-        self.health.db_error = f"{type(exc).__name__}: {exc}"[:300]
-        expected = isinstance(exc, DB_ERRORS)
+            self._outage = True
+        self.health.db_error = str(exc)[:300]
+        expected = isinstance(exc, StoreError)
         log.log(
             logging.WARNING if expected else logging.ERROR,
             "%s failed: %s",
@@ -179,6 +185,12 @@ class Worker:
             log.info("database reachable again", extra={"action": "db_recovered"})
         self.health.db_ok = True
         self.health.db_error = None
+        if self._outage:
+            # Our leases may have run out while the database was away, and another replica's
+            # reaper may be about to requeue them: renew them before anything else happens.
+            self._outage = False
+            self._recovered_at = time.monotonic()
+            self._renew_now.set()
 
     # --- the main loop -----------------------------------------------------------------------
 
@@ -250,7 +262,7 @@ class Worker:
             )
             return
         for channel, count in released.items():
-            self.metrics.notifications.labels(channel, "none", "released").inc(count)
+            self.metrics.released(channel, count)
         total = sum(released.values())
         log.info(
             "handed back %s unfinished claims", total, extra={"action": "released", "count": total}
@@ -260,7 +272,7 @@ class Worker:
     # --- claiming and sending ------------------------------------------------------------------
 
     async def _claim_loop(self, state: ChannelState) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, 5.0)
         while True:
             await state.wake.wait()
             state.wake.clear()
@@ -283,15 +295,12 @@ class Worker:
                         self.tracing.annotate(span, rows=len(rows))
                 except Exception as exc:  # a loop outlives any failure
                     self._db_failed("claim", exc)
-                    await self._sleep(backoff * (0.5 + random.random()))
-                    backoff = min(backoff * 2, 5.0)
+                    await self._sleep(backoff.next())
                     state.wake.set()
                     break
-                backoff = 0.05
+                backoff.reset()
                 self._db_worked()
-                self.metrics.claim_batch.observe(len(rows))
-                if rows:
-                    self.metrics.claimed.labels(state.name).inc(len(rows))
+                self.metrics.claimed_rows(state.name, len(rows))
                 await self.dispatcher.prepare(rows)
                 for n in rows:
                     self._start_send(state, n)
@@ -309,7 +318,7 @@ class Worker:
         self.held[n.id] = n.attempt
         state.in_flight += 1
         self._idle.clear()
-        self.metrics.child(self.metrics.in_flight, state.name).inc()
+        self.metrics.in_flight_delta(state.name, 1)
         task = asyncio.create_task(self._send(state, n))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
@@ -328,7 +337,7 @@ class Worker:
                 del self.held[n.id]  # stop the heartbeat so the reaper takes it back
         finally:
             state.in_flight -= 1
-            self.metrics.child(self.metrics.in_flight, state.name).dec()
+            self.metrics.in_flight_delta(state.name, -1)
             if state.want_more and (
                 state.in_flight == 0 or state.limit - state.in_flight >= state.refill
             ):
@@ -351,26 +360,23 @@ class Worker:
                     self._results.task_done()
 
     async def _write(self, batch: list[Delivery]) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while True:
             try:
                 written = await self.store.complete([d.completion for d in batch])
                 break
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("complete", exc)
-                await anyio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 2.0)
+                await anyio.sleep(backoff.next())
         self._db_worked()
-        self.metrics.completion_batch.observe(len(batch))
+        self.metrics.written(len(batch))
         retry_scheduled = False
         for d in batch:
             c = d.completion
             if self.held.get(c.id) == c.attempt:
                 del self.held[c.id]
             if c.id not in written:
-                self.metrics.child(
-                    self.metrics.notifications, d.channel, d.provider, "lost_lease"
-                ).inc()
+                self.metrics.outcome(d.channel, d.provider, "lost_lease", None)
                 log.warning(
                     "outcome of notification %s attempt %s not written: its lease was lost",
                     c.id,
@@ -378,9 +384,7 @@ class Worker:
                     extra={"action": "lost_lease", "notification_id": c.id, "attempt": c.attempt},
                 )
                 continue
-            self.metrics.child(self.metrics.notifications, d.channel, d.provider, d.outcome).inc()
-            if d.e2e_seconds is not None:
-                self.metrics.child(self.metrics.end_to_end, d.channel).observe(d.e2e_seconds)
+            self.metrics.outcome(d.channel, d.provider, d.outcome, d.e2e_seconds)
             retry_scheduled = retry_scheduled or d.outcome in ("retry", "deferred")
         if retry_scheduled:
             self._schedule_wake.set()
@@ -390,18 +394,21 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.lease_seconds / 3
         while True:
-            await anyio.sleep(interval)
+            with anyio.move_on_after(interval):
+                await self._renew_now.wait()
+            self._renew_now.clear()
             if not self.held:
                 continue
             try:
                 await self.store.heartbeat(list(self.held.items()), self.config.lease_seconds)
+                self._db_worked()
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("heartbeat", exc)
 
     # --- time: scheduled rows, the fallback poll, expired leases ---------------------------------
 
     async def _scheduler_loop(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         self._last_sweep = time.monotonic()
         while True:
             self._schedule_wake.clear()
@@ -416,12 +423,11 @@ class Worker:
                 due = await self.store.next_due()
                 if due is not None:
                     timeout = min(timeout, max(due, 0.001))
-                backoff = 0.1
+                backoff.reset()
                 self._db_worked()
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("promote", exc)
-                timeout = min(timeout, backoff)
-                backoff = min(backoff * 2, 5.0)
+                timeout = min(timeout, backoff.next())
             if time.monotonic() - self._last_sweep >= self.config.poll_interval:
                 self._last_sweep = time.monotonic()
                 for state in self.channels.values():  # the fallback poll: NOTIFY may be lost
@@ -433,13 +439,20 @@ class Worker:
     async def _reaper_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.reap_interval * (0.75 + random.random() / 2))
+            if (
+                self._outage
+                or time.monotonic() - self._recovered_at < self.config.lease_seconds / 3
+            ):
+                # The database was away: every replica renews its leases (one heartbeat interval)
+                # before any replica reaps, or a live owner's rows would be sent twice.
+                continue
             try:
                 reaped = await self.store.reap()
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("reap", exc)
                 continue
             for channel, requeued, dead in reaped:
-                self.metrics.leases_expired.labels(channel).inc(requeued + dead)
+                self.metrics.lease_expired(channel, requeued + dead)
                 if channel in self.channels:
                     self.channels[channel].wake.set()
                 log.warning(
@@ -457,12 +470,7 @@ class Worker:
     async def _queue_metrics_loop(self) -> None:
         while True:
             try:
-                for row in await self.store.queue_status():
-                    for state in QUEUE_STATES:
-                        self.metrics.queue_depth.labels(row["channel"], state).set(row[state])
-                    self.metrics.oldest_ready.labels(row["channel"]).set(
-                        row["oldest_ready_seconds"]
-                    )
+                self.metrics.queue(await self.store.queue_status())
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

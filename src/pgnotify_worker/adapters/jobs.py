@@ -12,7 +12,9 @@ import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.db import DB_ERRORS
-from pgnotify_worker.core.cron import ScheduleError, next_run
+from pgnotify_worker.core.backoff import Backoff
+from pgnotify_worker.core.cron import next_run
+from pgnotify_worker.errors import ScheduleError
 
 log = logging.getLogger(__name__)
 ALERT_AFTER = 3  # failed runs in a row
@@ -90,7 +92,7 @@ class JobRunner:
                 tag = await conn.execute(command)
                 return "succeeded", _rows(tag), None
             async with conn.transaction():
-                await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{limit}s")
+                await conn.execute(queries.STATEMENT_TIMEOUT, f"{limit}s")
                 if command.lstrip()[:6].lower() == "select":
                     value: Any = await conn.fetchval(command)
                     is_count = isinstance(value, int) and not isinstance(value, bool)
@@ -101,7 +103,7 @@ class JobRunner:
 
     async def run(self) -> None:
         """Until cancelled: run what is due, otherwise sleep until the next due time."""
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         while True:
             wait = self.idle_poll
             try:
@@ -112,10 +114,10 @@ class JobRunner:
                     due = await conn.fetchval(queries.JOBS_NEXT_DUE)
                 if due is not None:
                     wait = min(wait, max(due, 0.05))
-                backoff = 1.0
+                backoff.reset()
             except DB_ERRORS as exc:
                 log.warning("jobs: %s", type(exc).__name__, extra={"action": "jobs_failed"})
-                wait, backoff = backoff, min(backoff * 2, 30.0)
+                wait = backoff.next()
             await anyio.sleep(wait)
 
     async def status(self) -> list[dict[str, Any]]:

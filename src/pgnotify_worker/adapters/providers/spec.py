@@ -1,0 +1,54 @@
+"""What a provider module declares: its name, the channels it serves, its settings (a pydantic
+sub-model whose fields become PGNOTIFY_* variables), how it is built and its default rate. The
+registry and the settings are tables built from these declarations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, SecretStr
+
+from pgnotify_worker.ports import Provider
+
+if TYPE_CHECKING:
+    from pgnotify_worker.adapters.db import QueueStore
+    from pgnotify_worker.config import CoreSettings
+
+
+class NoSettings(BaseModel):
+    """A provider without settings of its own."""
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a provider may use besides its own settings: the shared ones and the store."""
+
+    settings: CoreSettings
+    store: QueueStore
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec(Generic[S]):
+    """One provider, as its module declares it (module attribute SPECS)."""
+
+    name: str
+    channels: frozenset[str]
+    settings: type[S]
+    build: Callable[[S, Context], Provider]
+    default_rate: str | None = None  # rate/burst when PGNOTIFY_RATE_LIMITS names none
+    dev_sink: bool = False  # console/file: used only when the user chose them
+
+    def create(self, settings: Any, context: Context) -> Provider:
+        """Build the provider from the full settings (its own fields are read from them)."""
+        own = self.settings.model_validate(settings, from_attributes=True)
+        return self.build(own, context)
+
+
+def reveal(value: SecretStr | None) -> str | None:
+    """The plain value of a secret setting (at the one place that hands it to a client)."""
+    return value.get_secret_value() if value is not None else None

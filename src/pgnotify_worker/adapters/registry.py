@@ -1,0 +1,74 @@
+"""The providers table (every provider module's SPECS) made into each channel's providers:
+build each channel's providers from settings; a provider that cannot start disables its channel
+with a reason (shown at start-up and in /status) instead of crashing mid-run."""
+
+from __future__ import annotations
+
+import logging
+
+from pgnotify_worker.adapters.db import QueueStore
+from pgnotify_worker.adapters.providers.catalog import provider_specs
+from pgnotify_worker.adapters.providers.spec import Context
+from pgnotify_worker.config import Settings
+from pgnotify_worker.core.circuit import CircuitBreaker
+from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
+from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
+from pgnotify_worker.errors import ConfigError, ProviderConfigError
+from pgnotify_worker.ports import Provider
+
+log = logging.getLogger(__name__)
+
+
+def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provider:
+    specs = provider_specs()
+    spec = specs.get(name)
+    if spec is None or channel not in spec.channels:
+        usable = sorted(n for n, sp in specs.items() if channel in sp.channels)
+        raise ConfigError(
+            f"PGNOTIFY_{channel.upper()}_PROVIDERS: {name!r} cannot deliver {channel} "
+            f"(choose from {', '.join(usable)})"
+        )
+    return spec.create(s, Context(s, store))
+
+
+def _slot(provider: Provider, s: Settings) -> ProviderSlot:
+    known = provider_specs().get(provider.name)
+    spec = s.rate_limits.get(provider.name, known.default_rate if known else None)
+    bucket = TokenBucket(*parse_rate(spec)) if spec else None
+    breaker = CircuitBreaker(
+        threshold=s.circuit_failure_threshold, open_seconds=s.circuit_open_seconds
+    )
+    return ProviderSlot(provider, breaker, bucket)
+
+
+def build_providers(settings: Settings, store: QueueStore) -> dict[str, ChannelProviders]:
+    """Each served channel's providers (a missing key disables the channel, nonsense raises)."""
+    unknown = set(settings.rate_limits) - set(provider_specs())
+    if unknown:
+        raise ConfigError(f"PGNOTIFY_RATE_LIMITS: unknown provider(s) {', '.join(sorted(unknown))}")
+    built: dict[str, ChannelProviders] = {}
+    for channel in settings.channels:
+        entry = ChannelProviders(channel)
+        reasons = []
+        for name in settings.providers_for(channel):
+            try:
+                entry.slots.append(_slot(_build_one(name, channel, settings, store), settings))
+            except ProviderConfigError as exc:
+                reasons.append(str(exc))
+        if not entry.slots:
+            entry.disabled_reason = "; ".join(reasons) or "no provider configured"
+            log.error(
+                "channel %s is off: %s (its rows stay queued)",
+                channel,
+                entry.disabled_reason,
+                extra={"action": "channel_disabled", "channel": channel},
+            )
+        elif reasons:
+            log.warning(
+                "channel %s runs without %s",
+                channel,
+                "; ".join(reasons),
+                extra={"action": "provider_disabled", "channel": channel},
+            )
+        built[channel] = entry
+    return built

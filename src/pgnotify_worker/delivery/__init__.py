@@ -1,0 +1,1 @@
+"""Delivery through the ports: the claim loop, the dispatcher, failover and templates."""

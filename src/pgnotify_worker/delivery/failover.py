@@ -1,0 +1,159 @@
+"""Failover across a channel's providers: rate limits, circuit breakers, the next provider when
+one fails or is paused."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
+from pgnotify_worker.core.ratelimit import TokenBucket
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable
+from pgnotify_worker.ports import Provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProviderSlot:
+    """A provider with its circuit breaker and (optional) rate limit."""
+
+    provider: Provider
+    breaker: CircuitBreaker
+    bucket: TokenBucket | None
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+
+@dataclass
+class ChannelProviders:
+    """The providers of one channel in failover order, or why the channel is off."""
+
+    channel: str
+    slots: list[ProviderSlot] = field(default_factory=list)
+    disabled_reason: str | None = None
+
+
+class Failover:
+    """Sends one message through the first provider of its channel that takes it."""
+
+    def __init__(
+        self,
+        channels: dict[str, ChannelProviders],
+        *,
+        on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
+        on_failover: Callable[[str, str], None] = lambda _c, _p: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.channels = channels
+        self.on_circuit = on_circuit
+        self.on_failover = on_failover
+        self.clock = clock
+
+    def capacity(self, channel: str, free: int) -> int:
+        """Rows to claim: every free slot while a provider's circuit is closed, one probe while
+        the best is half-open, none while all are open (nothing is burned on a dead service)."""
+        slots = self.channels[channel].slots
+        if any(slot.breaker.state is CircuitState.CLOSED for slot in slots):
+            return free
+        now = self.clock()
+        return min(free, 1) if any(slot.breaker.allows(now) for slot in slots) else 0
+
+    def blocked_for(self, channel: str) -> float:
+        """Seconds until some provider of the channel may be tried again."""
+        now = self.clock()
+        return min((slot.breaker.opens_in(now) for slot in self.channels[channel].slots), default=0)
+
+    async def _call(self, provider: Provider, message: RenderedMessage) -> Outcome:
+        try:
+            return await provider.send(message)
+        except Exception:  # a provider bug must not kill the worker; the attempt is retried
+            log.exception(
+                "provider %s raised while sending notification %s",
+                provider.name,
+                message.notification_id,
+                extra={"action": "provider_crash", "notification_id": message.notification_id},
+            )
+            return Retryable(
+                "provider_crash", f"provider {provider.name} raised an unexpected error"
+            )
+
+    def _record(self, slot: ProviderSlot, outcome: Outcome, before: CircuitState) -> None:
+        """Feed the provider's circuit: an answer closes it, a run of failures opens it."""
+        breaker = slot.breaker
+        if isinstance(outcome, Retryable) and not outcome.throttled:
+            if breaker.failure(self.clock(), outcome.message, trip=outcome.trip):
+                log.warning(
+                    "provider %s paused for %.0fs: %s",
+                    slot.name,
+                    breaker.open_seconds,
+                    outcome.message,
+                    extra={"action": "circuit_open", "provider": slot.name},
+                )
+        else:
+            breaker.success()
+            if before is not CircuitState.CLOSED:
+                log.info(
+                    "provider %s answers again",
+                    slot.name,
+                    extra={"action": "circuit_closed", "provider": slot.name},
+                )
+        if breaker.state is not before:
+            self.on_circuit(slot.name, breaker)
+
+    async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
+        """Try the channel's providers in order: a retryable failure or an open circuit moves on
+        to the next; the first answer that is not retryable (or the last failure) wins."""
+        last: tuple[Outcome, str] | None = None
+        moved_on = False
+        for slot in self.channels[channel].slots:
+            handles = getattr(slot.provider, "handles", None)  # an address this provider can use?
+            if handles is not None and not handles(message.recipient):
+                continue
+            before = slot.breaker.state
+            if not slot.breaker.acquire(self.clock()):
+                moved_on = True  # paused: the next provider takes it
+                continue
+            if slot.breaker.state is not before:
+                self.on_circuit(slot.name, slot.breaker)  # open -> half-open: this is the probe
+                before = slot.breaker.state
+            outcome: Outcome | None = None
+            try:
+                if slot.bucket is not None:
+                    wait = slot.bucket.reserve(self.clock())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                outcome = await self._call(slot.provider, message)
+            finally:
+                if outcome is None:  # cancelled before an answer: free the half-open probe
+                    slot.breaker.release()
+            self._record(slot, outcome, before)
+            if moved_on:
+                self.on_failover(channel, slot.name)
+            if not isinstance(outcome, Retryable):
+                return outcome, slot.name
+            last = (outcome, slot.name)
+            moved_on = True
+        if last is not None:
+            return last
+        slots = [
+            slot
+            for slot in self.channels[channel].slots
+            if getattr(slot.provider, "handles", lambda _r: True)(message.recipient)
+        ]
+        if not slots:
+            return Permanent("no_provider", f"no {channel} provider handles this address"), "none"
+        reasons = "; ".join(f"{slot.name}: {slot.breaker.reason}" for slot in slots)
+        return (
+            Retryable(
+                "circuit_open",
+                f"every {channel} provider is paused ({reasons})",
+                self.blocked_for(channel) or None,
+            ),
+            "none",
+        )

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from pgnotify_worker.adapters.migrate import load_migrations
+from tests.support.cli import ALL_VERSIONS, cli
 from tests.support.pgcluster import free_port
-
-ALL_VERSIONS = ", ".join(f"{m.version:04d}" for m in load_migrations())
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PGNOTIFY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pgnotify_worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**clean, **(env or {})},
-    )
 
 
 async def test_migrate_enqueue_status_cancel_retry(empty_dsn: str) -> None:

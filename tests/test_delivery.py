@@ -16,7 +16,9 @@ from standardwebhooks.webhooks import Webhook
 
 from pgnotify_worker.config import Settings
 from pgnotify_worker.service import Service
-from tests.conftest import WEBHOOK_SECRET, Received, WebhookSink, running, wait_rows
+from tests.support.db import wait_rows
+from tests.support.webhooks import WEBHOOK_SECRET, Received, WebhookSink
+from tests.support.worker import running
 
 DONE = {"sent", "failed", "dead"}
 

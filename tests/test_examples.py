@@ -18,8 +18,10 @@ import pytest
 
 from pgnotify_worker.config import Settings
 from pgnotify_worker.service import Service
-from tests.conftest import WebhookSink, running, wait_rows
+from tests.support.db import wait_rows
 from tests.support.pgcluster import find_bindir
+from tests.support.webhooks import WebhookSink
+from tests.support.worker import running
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -188,7 +190,7 @@ async def test_producer_reports_a_refused_enqueue_and_rolls_back(
     assert await conn.fetchval("SELECT count(*) FROM demo_orders") == 0  # nor the order
 
 
-async def test_psql_scripts(
+async def test_psql_enqueue_is_delivered_and_scheduled_and_a_rollback_never_exists(
     dsn: str,
     conn: asyncpg.Connection,
     webhook_sink: WebhookSink,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import functools
 import hashlib
 import json
@@ -22,12 +23,12 @@ import aiosmtplib
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import WebhookSink
 from tests.fakes.fcm import FakeFCM, make_service_account, sign_assertion
 from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.smtp import FakeSMTP
 from tests.fakes.twilio import FakeTwilio, basic_auth, num_segments, twilio_signature
+from tests.fakes.webhook import FakeWebhookReceiver
 from tests.fakes.webhooks_in import (
     SENDGRID_SIGNATURE,
     SENDGRID_TIMESTAMP,
@@ -38,6 +39,7 @@ from tests.fakes.webhooks_in import (
     svix_headers,
     verify_sendgrid,
 )
+from tests.support.webhooks import WebhookSink
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,7 +164,9 @@ async def test_resend_to_may_be_a_string(resend: FakeResend) -> None:
     assert status == 200
 
 
-async def test_resend_idempotency(resend: FakeResend) -> None:
+async def test_resend_idempotency_key_replays_the_first_answer_and_refuses_a_changed_body(
+    resend: FakeResend,
+) -> None:
     url, key = resend.url + "/emails", "notif/42/email"
     headers = resend_headers(**{"Idempotency-Key": key})
     first = await call("POST", url, json=EMAIL, headers=headers)
@@ -288,7 +292,7 @@ async def test_wait_for_times_out_with_a_count(resend: FakeResend) -> None:
         await resend.wait_for(1, timeout=0.05)
 
 
-async def test_https_mode() -> None:
+async def test_a_tls_fake_answers_https_to_a_client_trusting_its_ca() -> None:
     async with FakeResend(RESEND_KEY, tls=True) as fake:
         assert fake.url.startswith("https://127.0.0.1:")
         status, _, _ = await call(
@@ -492,7 +496,7 @@ def test_twilio_signature_json_body_vector() -> None:
     assert twilio_signature("12345", url, {}) == "a9nBmqA0ju/hNViExpshrM61xv4="
 
 
-def test_num_segments() -> None:
+def test_num_segments_counts_gsm7_extension_and_ucs2_characters() -> None:
     assert num_segments("a" * 160) == 1
     assert num_segments("a" * 161) == 2
     assert num_segments("€" * 80) == 1  # GSM-7 extension chars take two septets
@@ -595,7 +599,9 @@ async def test_twilio_wants_a_form_not_json(twilio: FakeTwilio) -> None:
 @pytest.mark.parametrize(
     ("code", "status"), [(21211, 400), (21610, 400), (21614, 400), (20429, 429), (20500, 500)]
 )
-async def test_twilio_error_for_number(twilio: FakeTwilio, code: int, status: int) -> None:
+async def test_twilio_error_for_number_answers_the_code_with_its_status(
+    twilio: FakeTwilio, code: int, status: int
+) -> None:
     twilio.error_for_number[SMS["To"]] = code
     got, _, body = await call("POST", twilio.url + twilio.messages_path, data=SMS, headers=basic())
     assert (got, js(body)["code"], js(body)["status"]) == (status, code, status)
@@ -677,7 +683,7 @@ async def fcm_send(fcm: FakeFCM, token: str | None, body: Any) -> tuple[int, dic
     return status, h, js(raw)
 
 
-def test_make_service_account() -> None:
+def test_make_service_account_has_googles_fields_and_a_2048_bit_key() -> None:
     info, key = make_service_account("http://127.0.0.1:1/token", "p1")
     assert {
         "type",
@@ -694,7 +700,7 @@ def test_make_service_account() -> None:
     assert key.key_size == 2048
 
 
-async def test_fcm_token_then_send(fcm: FakeFCM) -> None:
+async def test_fcm_send_with_an_issued_token_returns_a_message_name(fcm: FakeFCM) -> None:
     status, token = await get_token(fcm)
     assert status == 200
     assert token["token_type"] == "Bearer" and token["expires_in"] == 3599
@@ -770,7 +776,7 @@ async def test_fcm_send_needs_an_issued_unexpired_token(fcm: FakeFCM) -> None:
     assert (await fcm_send(fcm, fresh["access_token"], body))[0] == 200
 
 
-async def test_fcm_short_token_lifetime() -> None:
+async def test_fcm_token_with_zero_lifetime_is_refused_at_send() -> None:
     fake = await FakeFCM.start_with_service_account(expires_in=0)
     try:
         _, token = await get_token(fake)
@@ -896,7 +902,7 @@ async def test_smtp_plain_delivery() -> None:
         assert (got.tls, got.auth_user) == (False, None)
 
 
-async def test_smtp_auth() -> None:
+async def test_smtp_auth_accepts_the_password_and_refuses_a_wrong_one_or_none() -> None:
     async with FakeSMTP(username="mailer", password="s3cret") as smtp:
         with pytest.raises(aiosmtplib.SMTPAuthenticationError) as wrong:
             await aiosmtplib.send(
@@ -982,10 +988,35 @@ async def test_smtp_slow_reply_times_out_the_client() -> None:
             await aiosmtplib.send(make_email(), hostname=smtp.host, port=smtp.port, timeout=0.3)
 
 
+# --- outbound webhooks: a consumer that checks signatures -----------------------------------------
+
+
+async def test_webhook_receiver_accepts_a_valid_signature_and_refuses_a_forged_one() -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(b"receiver-test-secret-0123456").decode()
+    body = '{"type":"order.shipped"}'
+    now = datetime.datetime.now(datetime.UTC)
+    headers = {
+        "webhook-id": "pgn_1",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign("pgn_1", now, body),
+    }
+    async with FakeWebhookReceiver(secret) as fake:
+        url = fake.url + "/hooks/orders"
+        ok, _, _ = await call("POST", url, data=body, headers=headers)
+        forged, _, answer = await call("POST", url, data=body + " ", headers=headers)
+        missing, _, _ = await call("POST", url, data=body)
+    assert (ok, forged, missing) == (204, 401, 401)
+    assert js(answer) == {"error": "invalid signature"}
+    assert fake.received == [body.encode()]
+    assert len(fake.requests) == 3
+
+
 # --- inbound webhook signatures ----------------------------------------------------------------
 
 
-def test_svix_vector() -> None:
+def test_svix_headers_match_the_published_vector() -> None:
     headers = svix_headers(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         b'{"test": 2432232314}',
@@ -1023,7 +1054,7 @@ SENDGRID_PY_BODY = (
 )
 
 
-def test_sendgrid_vectors() -> None:
+def test_verify_sendgrid_accepts_the_published_python_and_node_vectors() -> None:
     py_key = (
         "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3G"
         "Rqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="
@@ -1059,7 +1090,9 @@ def test_sendgrid_signer_round_trip() -> None:
     )
 
 
-async def test_post_signed_events(webhook_sink: WebhookSink) -> None:
+async def test_post_webhook_delivers_svix_and_sendgrid_signed_events_byte_exact(
+    webhook_sink: WebhookSink,
+) -> None:
     secret = "whsec_" + base64.b64encode(b"resend-test-secret-0123456789").decode()
     body = json.dumps(resend_event("email.bounced", "e-1", bounce={"type": "Permanent"})).encode()
     assert (await post_webhook(webhook_sink.url + "/resend", body, svix_headers(secret, body)))[

@@ -14,8 +14,10 @@ import pytest
 from aiohttp import web
 
 from pgnotify_worker.config import Settings
-from tests.conftest import WEBHOOK_SECRET, PgServer, Received, WebhookSink, running, wait_rows
+from tests.support.db import PgServer, fill, wait_rows
 from tests.support.procs import WorkerProcess
+from tests.support.webhooks import WEBHOOK_SECRET, Received, WebhookSink
+from tests.support.worker import running
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +38,6 @@ def worker_env(dsn: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-async def fill(conn: asyncpg.Connection, url: str, count: int) -> list[int]:
-    rows = await conn.fetch(
-        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
-        "SELECT 'webhook', $1, jsonb_build_object('n', g) FROM generate_series(1, $2) g RETURNING id",
-        url,
-        count,
-    )
-    return [r["id"] for r in rows]
 
 
 async def test_sigkill_mid_send_loses_nothing(

@@ -12,7 +12,9 @@ import pytest
 from aiohttp import web
 
 from pgnotify_worker.config import Settings
-from tests.conftest import PgServer, Received, WebhookSink, running, wait_rows
+from tests.support.db import PgServer, wait_rows
+from tests.support.webhooks import Received, WebhookSink
+from tests.support.worker import running
 
 DONE = {"sent", "failed", "dead"}
 # what the BEFORE INSERT trigger would have filled in

@@ -11,7 +11,9 @@ import asyncpg
 import pytest
 
 from pgnotify_worker.config import Settings
-from tests.conftest import WebhookSink, running, wait_rows
+from tests.support.db import wait_rows
+from tests.support.webhooks import WebhookSink
+from tests.support.worker import running
 
 PROMTOOL = shutil.which("promtool")
 

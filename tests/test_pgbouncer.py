@@ -11,10 +11,11 @@ import asyncpg
 import pytest
 
 from pgnotify_worker.config import Settings
-from tests.conftest import PgServer, WebhookSink, running, wait_rows
+from tests.support.cli import ALL_VERSIONS, cli
+from tests.support.db import PgServer, fill, wait_rows
 from tests.support.pgbouncer import PgBouncer, find_pgbouncer
-from tests.test_cli import ALL_VERSIONS, cli
-from tests.test_faults import fill
+from tests.support.webhooks import WebhookSink
+from tests.support.worker import running
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
 """Email, SMS and push providers against the fake provider servers (real HTTP and SMTP on
 127.0.0.1), one provider object at a time, then through the Dispatcher: circuit breaker,
-failover, rate limit, and no secret in any log line or outcome."""
+failover, rate limit, and no secret in any log line or outcome.
+
+What every HTTP provider shares (5xx, 429 and its reset header, timeouts, the circuit opening,
+no secret in logs) is checked once for all in test_provider_contract.py; this file keeps what is
+particular to each provider."""
 
 from __future__ import annotations
 
@@ -14,13 +18,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from pgnotify_worker.adapters.db import QueueStore
 from pgnotify_worker.adapters.providers.fcm import FcmProvider
 from pgnotify_worker.adapters.providers.google_auth import GOOGLE_TOKEN_AUDIENCE
 from pgnotify_worker.adapters.providers.resend import ResendProvider
@@ -30,15 +33,9 @@ from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
-from pgnotify_worker.core.retry import RetryPolicy
-from pgnotify_worker.core.templates import Renderer
-from pgnotify_worker.delivery.dispatcher import Dispatcher
-from pgnotify_worker.delivery.failover import ChannelProviders, Failover, ProviderSlot
-from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import (
-    Notification,
-    Outcome,
     Permanent,
     RenderedMessage,
     Retryable,
@@ -51,6 +48,14 @@ from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.smtp import FakeSMTP, TlsMode
 from tests.fakes.twilio import FakeTwilio, basic_credentials
+from tests.support.providers import (
+    FakeClock,
+    assert_no_canary,
+    assert_retryable,
+    encodings,
+    make_dispatcher,
+    notification,
+)
 
 SENDER = "Acme <no-reply@acme.test>"
 RESEND_KEY = "re_test_resend_key_123"
@@ -61,7 +66,6 @@ TWILIO_FROM = "+15005550006"
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "smtp-password-0123"
 CREATED = dt.datetime(2024, 5, 17, 9, 30, tzinfo=dt.UTC)
-SLOW = 2.0  # how long a "slow" fake takes; the providers under test wait 0.3 s
 
 
 def message(
@@ -187,14 +191,6 @@ async def smtp(smtp_fake: FakeSMTP) -> AsyncIterator[SmtpProvider]:
     await provider.close()
 
 
-def assert_retryable(
-    outcome: Outcome, code: str, *, trip: bool = False, throttled: bool = False
-) -> Retryable:
-    assert isinstance(outcome, Retryable), outcome
-    assert (outcome.code, outcome.trip, outcome.throttled) == (code, trip, throttled), outcome
-    return outcome
-
-
 # --- Resend ----------------------------------------------------------------------------------------
 
 
@@ -273,35 +269,6 @@ async def test_resend_spent_quota_trips(resend: ResendProvider, resend_fake: Fak
     assert_retryable(await resend.send(message()), "resend_daily_quota_exceeded", trip=True)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-async def test_resend_5xx_is_retryable(
-    resend: ResendProvider, resend_fake: FakeResend, status: int
-) -> None:
-    resend_fake.fail_next(1, status=status)
-    assert_retryable(await resend.send(message()), f"http_{status}")
-
-
-async def test_resend_429_is_throttled_for_retry_after(
-    resend: ResendProvider, resend_fake: FakeResend
-) -> None:
-    resend_fake.rate_limit_next(1, retry_after=7)
-    outcome = assert_retryable(await resend.send(message()), "resend_rate_limited", throttled=True)
-    assert outcome.retry_after == 7.0
-
-
-async def test_resend_slow_answer_is_a_timeout(resend_fake: FakeResend) -> None:
-    provider = await started(
-        ResendProvider(RESEND_KEY, SENDER, base_url=resend_fake.url, timeout=0.3)
-    )
-    resend_fake.slow_next(1, SLOW)
-    try:
-        started_at = time.monotonic()
-        assert_retryable(await provider.send(message()), "timeout")
-        assert time.monotonic() - started_at < SLOW
-    finally:
-        await provider.close()
-
-
 # --- SendGrid --------------------------------------------------------------------------------------
 
 
@@ -357,47 +324,6 @@ async def test_sendgrid_wrong_api_key_trips(sendgrid_fake: FakeSendGrid) -> None
     provider = await started(SendGridProvider("SG.wrong", SENDER, base_url=sendgrid_fake.url))
     try:
         assert_retryable(await provider.send(message()), "sendgrid_401", trip=True)
-    finally:
-        await provider.close()
-
-
-@pytest.mark.parametrize("status", [500, 503])
-async def test_sendgrid_5xx_is_retryable(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid, status: int
-) -> None:
-    sendgrid_fake.fail_next(1, status=status)
-    assert_retryable(await sendgrid.send(message()), f"http_{status}")
-
-
-async def test_sendgrid_429_waits_for_the_reset_epoch(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid
-) -> None:
-    sendgrid_fake.rate_limit_next(1, reset_in=20)
-    outcome = await sendgrid.send(message())
-    assert isinstance(outcome, Retryable), outcome
-    assert not outcome.trip
-    assert outcome.retry_after is not None
-    assert 18.0 <= outcome.retry_after <= 20.0  # X-RateLimit-Reset is an epoch, whole seconds
-
-
-async def test_sendgrid_429_is_throttled_and_never_opens_the_circuit(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid
-) -> None:
-    slot = ProviderSlot(sendgrid, CircuitBreaker(threshold=2, open_seconds=30), None)
-    dispatcher = make_dispatcher({"email": ChannelProviders("email", [slot])})
-    sendgrid_fake.rate_limit_next(2, reset_in=1)
-    outcomes = [(await dispatcher.send_chain("email", message()))[0] for _ in range(2)]
-    assert all(isinstance(o, Retryable) and o.throttled for o in outcomes), outcomes
-    assert slot.breaker.state is CircuitState.CLOSED
-
-
-async def test_sendgrid_slow_answer_is_a_timeout(sendgrid_fake: FakeSendGrid) -> None:
-    provider = await started(
-        SendGridProvider(SENDGRID_KEY, SENDER, base_url=sendgrid_fake.url, timeout=0.3)
-    )
-    sendgrid_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(message()), "timeout")
     finally:
         await provider.close()
 
@@ -650,31 +576,6 @@ async def test_twilio_wrong_auth_token_trips(twilio_fake: FakeTwilio) -> None:
         await provider.close()
 
 
-@pytest.mark.parametrize("status", [500, 503])
-async def test_twilio_5xx_is_retryable(
-    twilio: TwilioProvider, twilio_fake: FakeTwilio, status: int
-) -> None:
-    twilio_fake.fail_next(1, status=status)
-    assert_retryable(await twilio.send(sms()), f"http_{status}")
-
-
-async def test_twilio_429_is_throttled_for_retry_after(
-    twilio: TwilioProvider, twilio_fake: FakeTwilio
-) -> None:
-    twilio_fake.fail_next(1, status=429, headers={"Retry-After": "4"})
-    outcome = assert_retryable(await twilio.send(sms()), "twilio_20429", throttled=True)
-    assert outcome.retry_after == 4.0
-
-
-async def test_twilio_slow_answer_is_a_timeout(twilio_fake: FakeTwilio) -> None:
-    provider = await started(twilio_provider(twilio_fake, timeout=0.3))
-    twilio_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(sms()), "timeout")
-    finally:
-        await provider.close()
-
-
 # --- FCM -------------------------------------------------------------------------------------------
 
 
@@ -804,21 +705,6 @@ async def test_fcm_quota_exceeded_is_throttled(
     assert outcome.retry_after == expected
 
 
-@pytest.mark.parametrize("status", [500, 503])
-async def test_fcm_5xx_is_retryable(fcm: FcmProvider, fcm_fake: FakeFCM, status: int) -> None:
-    fcm_fake.fail_next(1, status=status)
-    assert_retryable(await fcm.send(push()), f"http_{status}")
-
-
-async def test_fcm_slow_answer_is_a_timeout(fcm_fake: FakeFCM) -> None:
-    provider = await started(FcmProvider(fcm_account(fcm_fake), base_url=fcm_fake.url, timeout=0.3))
-    fcm_fake.slow_next(1, SLOW)
-    try:
-        assert_retryable(await provider.send(push()), "timeout")
-    finally:
-        await provider.close()
-
-
 # --- missing configuration -------------------------------------------------------------------------
 
 
@@ -855,33 +741,6 @@ def test_missing_configuration_names_the_variable(
 
 
 # --- through the Dispatcher: circuit, failover, rate limit ----------------------------------------
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_dispatcher(
-    channels: dict[str, ChannelProviders],
-    clock: Callable[[], float] = time.monotonic,
-    on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
-    on_failover: Callable[[str, str], None] = lambda _c, _p: None,
-    **kwargs: Any,
-) -> Dispatcher:
-    """A Dispatcher without a database: send_chain, capacity and deliver (no fan-out) need none."""
-    return Dispatcher(
-        Failover(channels, on_circuit=on_circuit, on_failover=on_failover, clock=clock),
-        TemplateStore(cast(QueueStore, None)),
-        Renderer(),
-        RetryPolicy(base=0.05, cap=0.2),
-        **kwargs,
-    )
 
 
 def slot(provider: Provider, threshold: int = 5, open_seconds: float = 30.0) -> ProviderSlot:
@@ -1056,29 +915,6 @@ async def test_rate_limit_spaces_requests_at_the_provider(
 # --- secrets never show up ------------------------------------------------------------------------
 
 
-def notification(channel: str, recipient: str, attempt: int = 1) -> Notification:
-    now = dt.datetime.now(dt.UTC)
-    return Notification(
-        id=99,
-        uid=str(uuid.uuid4()),
-        channel=channel,
-        recipient=recipient,
-        user_id=None,
-        category=None,
-        template=None,
-        subject="Hello",
-        body="Body text",
-        html_body="<p>Body</p>" if channel == "email" else None,
-        locale=None,
-        payload={},
-        priority=0,
-        attempt=attempt,
-        max_attempts=attempt,  # the last attempt: failures log at ERROR, the loudest path
-        created_at=now,
-        claimed_at=now,
-    )
-
-
 async def fail_through_dispatcher(
     provider: Provider, channel: str, recipient: str, rounds: int
 ) -> list[object]:
@@ -1098,58 +934,6 @@ async def fail_through_dispatcher(
         assert delivery.completion.error is not None
         shown.append(delivery)
     return shown
-
-
-def assert_no_canary(
-    caplog: pytest.LogCaptureFixture, shown: list[object], canaries: list[str]
-) -> None:
-    assert caplog.records, "the failures were not logged at all"
-    texts = [caplog.text]
-    for record in caplog.records:
-        texts.append(record.getMessage())
-        texts.extend(repr(value) for value in vars(record).values())
-    for item in shown:
-        texts.extend((str(item), repr(item)))
-    everything = "\n".join(texts)
-    for canary in canaries:
-        assert canary not in everything
-
-
-def encodings(login: str, secret: str) -> list[str]:
-    """The secret, and the encodings a wire protocol might carry it in."""
-    return [
-        secret,
-        base64.b64encode(f"{login}:{secret}".encode()).decode(),
-        base64.b64encode(f"\0{login}\0{secret}".encode()).decode(),
-        base64.b64encode(secret.encode()).decode(),
-    ]
-
-
-async def test_no_secret_in_logs_or_outcomes_resend_and_sendgrid(
-    caplog: pytest.LogCaptureFixture, resend_fake: FakeResend, sendgrid_fake: FakeSendGrid
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    canaries = ["re_CANARY_7f3a9b1c", "SG.CANARY_5d2e8f0a.zz"]
-    resend = await started(
-        ResendProvider(canaries[0], SENDER, base_url=resend_fake.url, timeout=0.3)
-    )
-    sendgrid = await started(
-        SendGridProvider(canaries[1], SENDER, base_url=sendgrid_fake.url, timeout=0.3)
-    )
-    try:
-        outcomes = await fail_through_dispatcher(resend, "email", "ada@example.com", 2)
-        outcomes += await fail_through_dispatcher(sendgrid, "email", "ada@example.com", 2)
-        resend_fake.fail_next(2, status=503)
-        sendgrid_fake.fail_next(2, status=500)
-        outcomes += await fail_through_dispatcher(resend, "email", "ada@example.com", 1)
-        outcomes += await fail_through_dispatcher(sendgrid, "email", "ada@example.com", 1)
-        resend_fake.slow_next(2, SLOW)
-        outcomes += await fail_through_dispatcher(resend, "email", "ada@example.com", 1)
-    finally:
-        await resend.close()
-        await sendgrid.close()
-    assert any(isinstance(o, Retryable) and o.trip for o in outcomes)
-    assert_no_canary(caplog, outcomes, [*encodings("", canaries[0]), *encodings("", canaries[1])])
 
 
 async def test_no_secret_in_logs_or_outcomes_smtp(caplog: pytest.LogCaptureFixture) -> None:
@@ -1173,23 +957,6 @@ async def test_no_secret_in_logs_or_outcomes_smtp(caplog: pytest.LogCaptureFixtu
         assert fake.auth_attempts and not any(ok for _, ok in fake.auth_attempts)
     assert all(isinstance(o, Retryable) for o in outcomes[::2])
     assert_no_canary(caplog, outcomes, encodings(SMTP_USER, canary))
-
-
-async def test_no_secret_in_logs_or_outcomes_twilio(
-    caplog: pytest.LogCaptureFixture, twilio_fake: FakeTwilio
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    canary = "CANARY_twilio_4b8e2d7f"
-    provider = await started(twilio_provider(twilio_fake, auth_token=canary, timeout=0.3))
-    try:
-        outcomes = await fail_through_dispatcher(provider, "sms", "+14155552671", 2)
-        twilio_fake.fail_next(2, status=503)
-        outcomes += await fail_through_dispatcher(provider, "sms", "+14155552671", 1)
-        twilio_fake.slow_next(2, SLOW)
-        outcomes += await fail_through_dispatcher(provider, "sms", "+14155552671", 1)
-    finally:
-        await provider.close()
-    assert_no_canary(caplog, outcomes, encodings(TWILIO_SID, canary))
 
 
 async def test_no_secret_in_logs_or_outcomes_fcm(

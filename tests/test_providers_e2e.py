@@ -15,7 +15,6 @@ import pytest
 
 from pgnotify_worker.config import Settings
 from pgnotify_worker.service import Service
-from tests.conftest import running, wait_rows
 from tests.fakes.fcm import FakeFCM
 from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
@@ -28,6 +27,8 @@ from tests.fakes.webhooks_in import (
     sendgrid_event,
     svix_headers,
 )
+from tests.support.db import wait_rows
+from tests.support.worker import running
 
 DONE = {"sent", "failed", "dead", "skipped"}
 SENDER = "Acme <no-reply@acme.test>"

@@ -17,7 +17,8 @@ from pgnotify_worker.adapters import db as dbmod
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.unsubscribe import make_token
-from tests.conftest import running, wait_rows
+from tests.support.db import wait_rows
+from tests.support.worker import running
 
 DONE = {"sent", "failed", "dead", "skipped", "expired", "held", "scheduled"}
 UNSUB_KEY = "unsubscribe-secret-0123456789abcdef"

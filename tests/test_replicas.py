@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from tests.conftest import WEBHOOK_SECRET
 from tests.support.procs import WorkerProcess
+from tests.support.webhooks import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ SEQ = re.compile(rb'"seq":\s*(\d+)')
 
 class IdCounter:
     """A webhook receiver that does nothing but count webhook-ids (and note each payload seq):
-    cheap enough that 20,000 requests cost the workers, not the receiver. (conftest's
+    cheap enough that 20,000 requests cost the workers, not the receiver. (tests.support.webhooks'
     webhook_sink keeps every request and scans them all on each one: quadratic at this size.)"""
 
     def __init__(self) -> None:

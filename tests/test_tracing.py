@@ -12,7 +12,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pgnotify_worker.config import Settings
-from tests.conftest import WebhookSink, running, wait_rows
+from tests.support.db import wait_rows
+from tests.support.webhooks import WebhookSink
+from tests.support.worker import running
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

@@ -5,6 +5,8 @@
   all built on `base.FakeServer` (`requests`, `wait_for`, `fail_next`, `slow_next`,
   `hang_next`).
 - `smtp.FakeSMTP`: SMTP with optional AUTH, STARTTLS or implicit TLS.
+- `webhook.FakeWebhookReceiver`: an outbound-webhook consumer that verifies Standard Webhooks
+  signatures; `webpush.FakePushService`: a push service that checks VAPID and decrypts.
 - `webhooks_in`: signing helpers for inbound Resend (Svix) and SendGrid events;
   `twilio.twilio_signature` / `twilio.post_status_callback` for Twilio.
 """

@@ -163,7 +163,8 @@ class FakeFCM(FakeServer):
 
     - `requests`: the send requests only; `token_requests`: the token requests.
     - `issued`: access token -> expiry (time.monotonic()); `expire_tokens()` expires them all.
-    - `sent`: the `message` objects accepted (not `validate_only` ones).
+    - `sent`: the `message` objects accepted (not `validate_only` ones); `names[i]`: the
+      message name returned for `sent[i]`.
     - `unregistered`: tokens answered with 404 UNREGISTERED.
     - `key_id`: when set, the JWT header's `kid` must equal it (else any non-empty kid).
     Scripts: `fail_next`/`slow_next`/`hang_next`/`fcm_error_next` act on sends,
@@ -194,6 +195,7 @@ class FakeFCM(FakeServer):
         self.issued: dict[str, float] = {}
         self.unregistered: set[str] = set()
         self.sent: list[dict[str, Any]] = []
+        self.names: list[str] = []
         self.service_account: dict[str, Any] | None = None
         self.private_key: rsa.RSAPrivateKey | None = None
 
@@ -426,7 +428,8 @@ class FakeFCM(FakeServer):
             )
         self.sent.append(message)
         message_id = f"0:{time.time_ns() // 1000}%{secrets.token_hex(8)}"
-        return make_response(200, {"name": f"projects/{self.project_id}/messages/{message_id}"})
+        self.names.append(f"projects/{self.project_id}/messages/{message_id}")
+        return make_response(200, {"name": self.names[-1]})
 
     def _unauthenticated(self, message: str) -> web.Response:
         return make_response(

@@ -45,6 +45,7 @@ class FakePushService(FakeServer):
         self.browsers: dict[str, Browser] = {}
         self.expired: set[str] = set()
         self.delivered: list[tuple[str, dict[str, Any]]] = []
+        self.locations: list[str] = []  # the Location answered for delivered[i]
 
     def browser(self) -> Browser:
         """A new subscription on this service."""
@@ -98,6 +99,5 @@ class FakePushService(FakeServer):
         except Exception:
             return web.Response(status=400, text="cannot decrypt")
         self.delivered.append((name, json.loads(plaintext)))
-        return web.Response(
-            status=201, headers={"Location": f"{self.url}/message/{secrets.token_hex(8)}"}
-        )
+        self.locations.append(f"{self.url}/message/{secrets.token_hex(8)}")
+        return web.Response(status=201, headers={"Location": self.locations[-1]})

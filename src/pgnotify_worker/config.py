@@ -235,6 +235,12 @@ class Settings(BaseSettings):
         description="Address of /metrics, /healthz, /readyz, /status.",
     )
     http_port: int = Field(9090, ge=0, le=65535, description="Port of the HTTP server (0 = any).")
+    status_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for GET /status (Authorization: Bearer <token>). Unset: /status "
+        "answers loopback clients only (kubectl port-forward/exec); /healthz, /readyz and "
+        "/metrics stay open either way.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
@@ -373,6 +379,7 @@ class Settings(BaseSettings):
             self.fcm_service_account,
             self.webpush_vapid_private_key,
             self.unsubscribe_secret,
+            self.status_token,
         ):
             if field is not None:
                 raw = field.get_secret_value()

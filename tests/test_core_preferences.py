@@ -32,7 +32,7 @@ T = dt.time
             Facts(suppressed=True, critical=True),
             Skip("suppressed", "the address is on the suppression list"),
         ),
-        (Facts(critical=True, unsubscribed=True, preference="off"), Send()),
+        (Facts(critical=True, unsubscribed=True, preference="off"), Send(critical=True)),
         (
             Facts(
                 critical=True,
@@ -41,7 +41,7 @@ T = dt.time
                 quiet_end=T(23),
                 local_time=T(12),
             ),
-            Send(),
+            Send(critical=True),
         ),
         (
             Facts(unsubscribed=True),

@@ -362,6 +362,11 @@ WITH everything AS (
 SELECT (SELECT count(*) FROM everything) + (SELECT count(*) FROM one)
 """
 
+# category_is_critical: is category $1 one users cannot opt out of (no unsubscribe link offered)?
+CATEGORY_IS_CRITICAL = """
+SELECT coalesce((SELECT critical FROM pgnotify.categories WHERE name = $1), false)
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

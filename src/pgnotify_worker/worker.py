@@ -463,6 +463,7 @@ class Worker:
                     self.metrics.oldest_ready.labels(row["channel"]).set(
                         row["oldest_ready_seconds"]
                     )
+                await self.metrics.refresh_database(self.store.pool)
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

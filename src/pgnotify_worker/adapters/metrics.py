@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,6 +14,10 @@ from prometheus_client import (
 )
 
 from pgnotify_worker import __version__
+from pgnotify_worker.adapters import queries
+
+if TYPE_CHECKING:
+    import asyncpg
 
 # Sends: 1 ms .. 60 s; end to end: 1 ms .. 1 h (retries make it long).
 SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -158,6 +162,35 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+
+        self.oldest_transaction = Gauge(
+            "pgnotify_oldest_transaction_age_seconds",
+            "Age of the oldest open transaction of another client session on this database "
+            "(sessions of other roles count with pg_read_all_stats only; 0 when none).",
+            registry=r,
+        )
+        self.oldest_xmin = Gauge(
+            "pgnotify_oldest_xmin_age_transactions",
+            "Transaction IDs assigned since the oldest snapshot another session on this database "
+            "still holds (age(backend_xmin), every role's sessions; 0 when none).",
+            registry=r,
+        )
+        self.dead_tuples = Gauge(
+            "pgnotify_queue_dead_tuples",
+            "Dead row versions per queue table (notifications, events), from pg_stat_user_tables.",
+            ["table"],
+            registry=r,
+        )
+
+    async def refresh_database(self, pool: asyncpg.Pool) -> None:
+        """The gauges of what holds the queue back: the oldest open transaction (a pinned
+        snapshot keeps every dead row) and the dead rows it keeps (refreshed with queue depth)."""
+        oldest = await pool.fetchrow(queries.OLDEST_TRANSACTION)
+        if oldest is not None:
+            self.oldest_transaction.set(oldest["age_seconds"])
+            self.oldest_xmin.set(oldest["xmin_age"])
+        for row in await pool.fetch(queries.QUEUE_DEAD_TUPLES):
+            self.dead_tuples.labels(row["table"]).set(row["dead"])
 
     def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: the lookup is measurable on the hot path."""

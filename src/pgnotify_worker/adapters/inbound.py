@@ -2,10 +2,10 @@
 
 Each request's signature is checked first (401 and nothing changes when it is bad or missing).
 A request that cannot be read (a malformed timestamp or signature header, a body that is not
-JSON or a form, JSON nested deeper than MAX_JSON_DEPTH) gets 400 and changes nothing; a body over
-http_server.MAX_BODY gets 413 before anything is parsed. A report becomes an event of the
-notification it is about; a hard bounce, a spam complaint or an SMS STOP also puts the address on
-pgnotify.suppressions."""
+JSON or not UTF-8, JSON nested deeper than MAX_JSON_DEPTH) gets 400, a Twilio callback that is not
+a urlencoded form 415, a body over http_server.MAX_BODY 413; none of them changes anything.
+A report becomes an event of the notification it is about; a hard bounce, a spam complaint or
+an SMS STOP also puts the address on pgnotify.suppressions."""
 
 from __future__ import annotations
 

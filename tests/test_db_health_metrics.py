@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -103,3 +104,27 @@ async def test_the_running_worker_exports_the_age_of_a_pinned_snapshot(
                 break
             await asyncio.sleep(0.1)
     assert age is not None and age > 0
+
+
+async def test_what_a_role_without_pg_read_all_stats_sees(
+    dsn: str, conn: asyncpg.Connection, pinned: asyncpg.Connection
+) -> None:
+    """The documented limit: other roles' xact_start is hidden (the age reads 0), their
+    backend_xmin is not (the xid age still grows); pg_read_all_stats shows both."""
+    role = f"watcher_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'w'")
+    try:
+        await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")  # an xid
+        for granted in (False, True):
+            if granted:
+                await conn.execute(f"GRANT pg_read_all_stats TO {role}")
+            watcher = await asyncpg.create_pool(dsn, user=role, password="w", min_size=1)
+            try:
+                metrics = Metrics("w-1")
+                await metrics.refresh_database(watcher)
+            finally:
+                await watcher.close()
+            assert metrics.oldest_xmin._value.get() >= 1
+            assert (metrics.oldest_transaction._value.get() > 0) is granted
+    finally:
+        await conn.execute(f"DROP ROLE {role}")

@@ -76,7 +76,7 @@ def non_loopback_address() -> str | None:
 def test_loopback_is_decided_by_the_peer_address(remote: str | None, loopback: bool) -> None:
     assert is_loopback(remote) is loopback
     refusal = status_refusal(None, None, remote)
-    assert refusal is None if loopback else refusal == (403, http_server.LOOPBACK_ONLY)
+    assert refusal is None if loopback else refusal == (403, http_server.LOOPBACK_ONLY, None)
 
 
 @pytest.mark.parametrize("remote", ["127.0.0.1", "10.0.0.7"])

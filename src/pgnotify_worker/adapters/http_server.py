@@ -65,22 +65,25 @@ def is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+CHALLENGE = 'Bearer realm="pgnotify-worker status"'
+
+
 def status_refusal(
     token: bytes | None, authorization: str | None, remote: str | None
-) -> tuple[int, str] | None:
-    """None when /status may answer; else (401 or 403, why). With a token set, only a matching
-    bearer token opens it (from loopback too); without one, only a loopback peer does."""
+) -> tuple[int, str, str | None] | None:
+    """None when /status may answer; else (401 or 403, why, WWW-Authenticate). With a token set,
+    only a matching bearer token opens it (from loopback too); without one, a loopback peer."""
     if token:
         scheme, _, given = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            return 401, "send Authorization: Bearer <PGNOTIFY_STATUS_TOKEN>"
+            return 401, "send Authorization: Bearer <PGNOTIFY_STATUS_TOKEN>", CHALLENGE
         # bytes: compare_digest refuses str with non-ASCII characters (a header may carry them)
         if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
-            return 401, "wrong bearer token"
+            return 401, "wrong bearer token", f'{CHALLENGE}, error="invalid_token"'
         return None
     if is_loopback(remote):
         return None
-    return 403, LOOPBACK_ONLY
+    return 403, LOOPBACK_ONLY, None
 
 
 async def status(request: web.Request) -> web.Response:
@@ -88,11 +91,8 @@ async def status(request: web.Request) -> web.Response:
     token = request.app[STATUS_TOKEN]
     refused = status_refusal(token, request.headers.get("Authorization"), request.remote)
     if refused is not None:
-        code, why = refused
-        headers = {}
-        if code == 401:
-            error = ', error="invalid_token"' if why == "wrong bearer token" else ""
-            headers["WWW-Authenticate"] = f'Bearer realm="pgnotify-worker status"{error}'
+        code, why, challenge = refused
+        headers = {"WWW-Authenticate": challenge} if challenge else {}
         return web.json_response({"error": why}, status=code, headers=headers)
     started = time.perf_counter()
     body = await request.app[STATUS]()

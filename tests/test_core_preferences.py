@@ -33,7 +33,7 @@ T = dt.time
             Facts(suppressed=True, critical=True),
             Skip("suppressed", "the address is on the suppression list"),
         ),
-        (Facts(critical=True, unsubscribed=True, preference="off"), Send()),
+        (Facts(critical=True, unsubscribed=True, preference="off"), Send(critical=True)),
         (
             Facts(
                 critical=True,
@@ -42,7 +42,7 @@ T = dt.time
                 quiet_end=T(23),
                 local_time=T(12),
             ),
-            Send(),
+            Send(critical=True),
         ),
         (
             Facts(unsubscribed=True),

@@ -17,6 +17,7 @@ from pgnotify_worker.adapters import db as dbmod
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.unsubscribe import make_token
+from tests.fakes.smtp import FakeSMTP
 from tests.support.db import wait_rows
 from tests.support.worker import running
 
@@ -253,6 +254,29 @@ async def test_expired_notifications_are_never_sent(
 # --- unsubscribe links ----------------------------------------------------------------------------
 
 
+async def opt_outs(conn: asyncpg.Connection, user: str) -> tuple[list[tuple[str, ...]], bool]:
+    """(preference rows, globally unsubscribed?) of a user."""
+    prefs = await conn.fetch(
+        "SELECT channel, category, setting, source FROM pgnotify.preferences WHERE user_id = $1",
+        user,
+    )
+    everything = await conn.fetchval(
+        "SELECT unsubscribed_at IS NOT NULL FROM pgnotify.contacts WHERE user_id = $1", user
+    )
+    return [tuple(p) for p in prefs], bool(everything)
+
+
+def assert_safe_page(response: aiohttp.ClientResponse) -> None:
+    headers = response.headers
+    assert headers["Content-Type"].startswith("text/html")
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "script-src" not in csp and "form-action 'self'" in csp
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
 async def test_unsubscribe_links_in_templates_and_headers_and_the_pages(
     conn: asyncpg.Connection, sink_settings: Callable[..., Settings]
 ) -> None:
@@ -270,31 +294,121 @@ async def test_unsubscribe_links_in_templates_and_headers_and_the_pages(
         assert message["text"] == f"Bye: {url}"
         token = url.split("token=", 1)[1]
         base = f"http://127.0.0.1:{service.http_port}/unsubscribe"
+        one_click = {"List-Unsubscribe": "One-Click"}
         async with aiohttp.ClientSession() as http:
-            first = await http.get(base, params={"token": token})
-            assert first.status == 200 and "You are unsubscribed" in await first.text()
-            again = await http.get(base, params={"token": token})  # idempotent
-            assert again.status == 200
-            one_click = await http.post(
-                base, params={"token": token}, data={"List-Unsubscribe": "One-Click"}
-            )
-            assert one_click.status == 200
+            # GET (a person, a link scanner, a prefetch) shows the confirm form, changes nothing
+            shown = await http.get(base, params={"token": token})
+            page = await shown.text()
+            assert shown.status == 200 and "Unsubscribe from news notifications?" in page
+            assert '<form method="post" action="?token=' + token + '"' in page
+            assert '<input type="hidden" name="List-Unsubscribe" value="One-Click">' in page
+            assert_safe_page(shown)
+            assert (await http.get(base, params={"token": token})).status == 200
+            head = await http.head(base, params={"token": token})
+            assert head.status == 200
+            assert await opt_outs(conn, "ann") == ([], False)
+            # a broken link: 400 and nothing changes (GET and POST)
             tampered = await http.get(base, params={"token": token[:-3] + "AAA"})
             assert tampered.status == 400 and "Nothing was changed" in await tampered.text()
+            assert_safe_page(tampered)
             expired = make_token(UNSUB_KEY.encode(), "ann", "billing", expires=1)
             old = await http.get(base, params={"token": expired})
             assert old.status == 400 and "expired" in await old.text()
+            forged = await http.post(base, params={"token": expired}, data=one_click)
+            assert forged.status == 400
+            # a POST without the RFC 8058 field records nothing
+            bare = await http.post(base, params={"token": token}, data={"other": "x"})
+            assert bare.status == 400
+            assert await opt_outs(conn, "ann") == ([], False)
+            # the one-click POST (and the page's form, which sends the same) records it, twice ok
+            done = await http.post(base, params={"token": token}, data=one_click)
+            assert done.status == 200 and "You are unsubscribed" in await done.text()
+            assert_safe_page(done)
+            multipart = aiohttp.FormData(
+                {"List-Unsubscribe": "One-Click"}, default_to_multipart=True
+            )
+            again = await http.post(base, params={"token": token}, data=multipart)
+            assert again.status == 200  # idempotent; RFC 8058 prefers multipart/form-data
+            assert await opt_outs(conn, "ann") == (
+                [("*", "news", "off", "unsubscribe_link")],
+                False,
+            )
+            # everything: the page says critical messages still come; POST records it
             everything = make_token(UNSUB_KEY.encode(), "ann", None, expires=2_000_000_000)
-            assert (await http.post(base, params={"token": everything})).status == 200
-    prefs = await conn.fetch(
-        "SELECT channel, category, setting, source FROM pgnotify.preferences WHERE user_id = 'ann'"
+            shown = await http.get(base, params={"token": everything})
+            assert "Unsubscribe from all notifications?" in await shown.text()
+            assert "security alerts, are still sent" in await shown.text()
+            assert await opt_outs(conn, "ann") == (
+                [("*", "news", "off", "unsubscribe_link")],
+                False,
+            )
+            assert (
+                await http.post(base, params={"token": everything}, data=one_click)
+            ).status == 200
+            # a critical category (a link made before it became critical): never claims to stop it
+            critical = make_token(UNSUB_KEY.encode(), "ann", "security", expires=2_000_000_000)
+            shown = await http.get(base, params={"token": critical})
+            text = await shown.text()
+            assert shown.status == 200 and "cannot be turned off" in text
+            assert "<form" not in text and "unsubscribed" not in text.lower()
+            posted = await http.post(base, params={"token": critical}, data=one_click)
+            assert posted.status == 200 and "cannot be turned off" in await posted.text()
+    prefs, everything_off = await opt_outs(conn, "ann")
+    assert prefs == [("*", "news", "off", "unsubscribe_link")]  # billing and security untouched
+    assert everything_off
+
+
+async def test_the_unsubscribe_page_escapes_what_it_shows(
+    conn: asyncpg.Connection, sink_settings: Callable[..., Settings]
+) -> None:
+    settings = sink_settings(unsubscribe_secret=UNSUB_KEY)
+    category = '<script>alert("x")</script>'
+    token = make_token(UNSUB_KEY.encode(), "eve", category, expires=2_000_000_000)
+    async with running(settings) as service, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{service.http_port}/unsubscribe"
+        shown = await http.get(base, params={"token": token})
+        page = await shown.text()
+        bad = await http.get(base, params={"token": "<b>" + token})
+        bad_page = await bad.text()
+    assert shown.status == 200 and "<script>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert bad.status == 400 and "<b>" not in bad_page
+    assert await opt_outs(conn, "eve") == ([], False)
+
+
+async def test_critical_categories_get_no_unsubscribe_link_or_header(
+    conn: asyncpg.Connection, worker_settings: Callable[..., Settings]
+) -> None:
+    sql = (
+        "SELECT pgnotify.enqueue('email', 'bo@example.com', subject => $1, "
+        "body => 'Unsubscribe: [{{ unsubscribe_url }}]', user_id => 'bo', category => $1, "
+        "payload => $2)"
     )
-    assert [tuple(p) for p in prefs] == [
-        ("*", "news", "off", "unsubscribe_link")
-    ]  # billing untouched
-    assert await conn.fetchval(
-        "SELECT unsubscribed_at IS NOT NULL FROM pgnotify.contacts WHERE user_id = 'ann'"
+    async with FakeSMTP() as smtp:
+        settings = worker_settings(
+            email_providers="smtp",
+            smtp_host=smtp.host,
+            smtp_port=smtp.port,
+            smtp_security="none",
+            email_from="Acme <no-reply@acme.test>",
+            unsubscribe_secret=UNSUB_KEY,
+            public_base_url="https://notify.example.com",
+        )
+        news = await conn.fetchval(sql, "news", {})
+        # a producer's own link is dropped for a critical category too
+        reset = await conn.fetchval(sql, "security", {"unsubscribe_url": "https://app.example/u"})
+        async with running(settings) as service:
+            rows = await wait_rows(conn, [news, reset], DONE, service)
+        mails = {m.message["Subject"]: m.message for m in await smtp.wait_for(2)}
+    assert [r["status"] for r in rows] == ["sent", "sent"]
+    news_mail, reset_mail = mails["news"], mails["security"]
+    assert news_mail["List-Unsubscribe"].startswith("<https://notify.example.com/unsubscribe?")
+    assert news_mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "Unsubscribe: [https://notify.example.com/unsubscribe?token=u1." in str(
+        news_mail.get_content()
     )
+    assert reset_mail["List-Unsubscribe"] is None and reset_mail["List-Unsubscribe-Post"] is None
+    assert "Unsubscribe: []" in str(reset_mail.get_content())
 
 
 # --- digests --------------------------------------------------------------------------------------

@@ -180,6 +180,12 @@ class CoreSettings(BaseSettings):
         description="Address of /metrics, /healthz, /readyz, /status.",
     )
     http_port: int = Field(9090, ge=0, le=65535, description="Port of the HTTP server (0 = any).")
+    status_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for GET /status (Authorization: Bearer <token>). Unset: /status "
+        "answers loopback clients only (kubectl port-forward/exec); /healthz, /readyz and "
+        "/metrics stay open either way.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )

@@ -64,6 +64,10 @@ class DeliveryStore(Protocol):
         """Per-channel counts of the queue_status view."""
         ...
 
+    async def database_health(self) -> dict[str, Any]:
+        """Oldest open transaction and dead rows of the queue tables."""
+        ...
+
     async def template(self, key: str, channel: str, locales: Sequence[str]) -> TemplateRow | None:
         """The newest version of a template in the best available locale."""
         ...
@@ -127,3 +131,6 @@ class DeliveryMetrics(Protocol):
 
     def queue(self, rows: list[dict[str, Any]]) -> None:
         """Queue gauges from the queue_status view."""
+
+    def database(self, health: dict[str, Any]) -> None:
+        """Gauges of the oldest transaction and the queue tables' dead rows."""

@@ -168,6 +168,7 @@ class Service:
                 self.ready_reasons,
                 self.metrics.render,
                 (inbound.routes, pages.routes),
+                status_token=reveal(s.status_token),
             )
             try:
                 runner, self.http_port = await http_server.start(app, s.http_host, s.http_port)

@@ -378,6 +378,23 @@ class QueueStore:
         await self.pool.fetchval(queries.OPT_OUT, user_id, category)
 
     @translated
+    async def category_is_critical(self, category: str) -> bool:
+        """Whether a category is critical (never unsubscribable)."""
+        return bool(await self.pool.fetchval(queries.CATEGORY_IS_CRITICAL, category))
+
+    @translated
+    async def database_health(self) -> dict[str, Any]:
+        """The oldest open transaction (age in seconds and in transactions) and the dead rows
+        of the queue tables: what a pinned snapshot costs."""
+        oldest = await self.pool.fetchrow(queries.OLDEST_TRANSACTION)
+        dead = await self.pool.fetch(queries.QUEUE_DEAD_TUPLES)
+        return {
+            "age_seconds": oldest["age_seconds"] if oldest else None,
+            "xmin_age": oldest["xmin_age"] if oldest else None,
+            "dead_tuples": {r["table"]: r["dead"] for r in dead},
+        }
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

@@ -1,6 +1,9 @@
 """Delivery reports from providers: POST /webhooks/resend, /webhooks/sendgrid, /webhooks/twilio.
 
 Each request's signature is checked first (401 and nothing changes when it is bad or missing).
+A request that cannot be read (a malformed timestamp or signature header, a body that is not
+JSON or not UTF-8, JSON nested deeper than MAX_JSON_DEPTH) gets 400, a Twilio callback that is not
+a urlencoded form 415, a body over http_server.MAX_BODY 413; none of them changes anything.
 A report becomes an event of the notification it is about; a hard bounce, a spam complaint or
 an SMS STOP also puts the address on pgnotify.suppressions."""
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +39,72 @@ class Report:
     error_code: str | None = None
     error: str | None = None
     detail: dict[str, Any] | None = None
+
+
+# --- reading request bodies: pure ----------------------------------------------------------------
+
+MAX_JSON_DEPTH = 32  # provider reports nest 3-5 levels; deeper is an attack, not a report
+
+
+class BadRequest(ValueError):
+    """A body or header we cannot read: 400 with this message, nothing recorded."""
+
+
+def _no_constants(name: str) -> Any:
+    raise BadRequest(f"not JSON: {name} is not a JSON number")
+
+
+def clean_text(text: str) -> str:
+    """Text PostgreSQL can store: NUL and lone surrogates (JSON \\u escapes allow both) are
+    replaced instead of failing the write (and the provider's retries) for ever."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode()
+    return text
+
+
+def _clean(value: Any) -> Any:
+    """`value` with clean_text applied to every string; BadRequest for a non-finite number."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {clean_text(key): _clean(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest("a number in the JSON is out of range")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON document of a report body, safe to walk and to store, or BadRequest: not JSON,
+    nested deeper than MAX_JSON_DEPTH (a RecursionError in the parser is caught too)."""
+    try:
+        document = json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except BadRequest:
+        raise
+    except ValueError:
+        raise BadRequest("not JSON") from None
+    stack = [(document, 1)]
+    while stack:  # iterative: the depth check itself must not recurse
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return _clean(document)  # recursion bounded by MAX_JSON_DEPTH
 
 
 # --- mapping: pure -----------------------------------------------------------------------------
@@ -91,6 +161,11 @@ SENDGRID_EVENTS = {
 }
 
 
+def _is_bigint(text: str) -> bool:
+    """ASCII digits that fit a bigint ('٣' is a digit to str.isdigit; 10**30 is not an id)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def sendgrid_report(item: dict[str, Any]) -> Report | None:
     """One SendGrid event, found by our custom_args notification_id or by sg_message_id."""
     kind = str(item.get("event"))
@@ -113,7 +188,7 @@ def sendgrid_report(item: dict[str, Any]) -> Report | None:
     return Report(
         event,
         event_id,
-        notification_id=int(notification_id) if notification_id.isdigit() else None,
+        notification_id=int(notification_id) if _is_bigint(notification_id) else None,
         provider_message_id=str(message_id).split(".", 1)[0] if message_id else None,
         suppress=suppress,
         error_code=f"sendgrid_{kind}" if suppress or kind in ("dropped", "bounce") else None,
@@ -188,6 +263,16 @@ class Inbound:
         )
         return web.json_response({"error": why}, status=401)
 
+    @staticmethod
+    def _reject(provider: str, why: str, status: int = 400) -> web.Response:
+        log.warning(
+            "rejected a %s webhook: %s",
+            provider,
+            why,
+            extra={"action": "webhook_rejected", "provider": provider},
+        )
+        return web.json_response({"error": why}, status=status)
+
     async def _record(self, provider: str, reports: list[Report]) -> web.Response:
         store = self.store()
         if store is None:
@@ -227,32 +312,40 @@ class Inbound:
     async def resend(self, request: web.Request) -> web.Response:
         if not self.resend_secret:
             raise web.HTTPNotFound()
-        body = await request.read()
-        if not signing.verify_svix(self.resend_secret, dict(request.headers), body, self.clock()):
+        body = await request.read()  # over MAX_BODY: 413
+        headers = request.headers
+        msg_id = headers.get("svix-id") or headers.get("webhook-id") or ""
+        stamp = headers.get("svix-timestamp") or headers.get("webhook-timestamp")
+        signature = headers.get("svix-signature") or headers.get("webhook-signature") or ""
+        if stamp and signing.parse_timestamp(stamp) is None:
+            return self._reject("resend", "svix-timestamp is not a Unix time")
+        if not (msg_id.isascii() and signature.isascii()):
+            return self._reject("resend", "svix-id and svix-signature must be ASCII")
+        if not signing.verify_svix(self.resend_secret, dict(headers), body, self.clock()):
             return self._refuse("resend", "invalid or missing svix signature")
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return web.json_response({"error": "not JSON"}, status=400)
-        report = (
-            resend_report(payload, request.headers["svix-id"])
-            if isinstance(payload, dict)
-            else None
-        )
+            payload = parse_json(body)
+        except BadRequest as exc:
+            return self._reject("resend", str(exc))
+        report = resend_report(payload, msg_id) if isinstance(payload, dict) else None
         return await self._record("resend", [report] if report else [])
 
     async def sendgrid(self, request: web.Request) -> web.Response:
         if not self.sendgrid_public_key:
             raise web.HTTPNotFound()
-        body = await request.read()
+        body = await request.read()  # over MAX_BODY: 413
         signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
         stamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
+        if stamp and signing.parse_timestamp(stamp) is None:
+            return self._reject("sendgrid", "the event webhook timestamp is not a Unix time")
+        if not signature.isascii():
+            return self._reject("sendgrid", "the event webhook signature must be ASCII")
         if not signing.verify_sendgrid(self.sendgrid_public_key, signature, stamp, body):
             return self._refuse("sendgrid", "invalid or missing event webhook signature")
         try:
-            items = json.loads(body)
-        except ValueError:
-            return web.json_response({"error": "not JSON"}, status=400)
+            items = parse_json(body)
+        except BadRequest as exc:
+            return self._reject("sendgrid", str(exc))
         reports = [
             report
             for item in (items if isinstance(items, list) else [])
@@ -263,7 +356,13 @@ class Inbound:
     async def twilio(self, request: web.Request) -> web.Response:
         if not self.twilio_auth_token:
             raise web.HTTPNotFound()
-        form = await request.post()
+        if request.content_type != "application/x-www-form-urlencoded":
+            # Twilio posts urlencoded forms only; a multipart parser is attack surface we skip
+            return self._reject("twilio", "expected application/x-www-form-urlencoded", 415)
+        try:
+            form = await request.post()  # over MAX_BODY: 413
+        except ValueError:  # bytes that are not UTF-8
+            return self._reject("twilio", "the form is not UTF-8")
         params: dict[str, list[str]] = {}
         for name, value in form.items():
             params.setdefault(name, []).append(str(value))
@@ -271,7 +370,9 @@ class Inbound:
             f"{self.public_base_url}{request.path_qs}" if self.public_base_url else str(request.url)
         )
         header = request.headers.get("X-Twilio-Signature", "")
+        if not header.isascii():
+            return self._reject("twilio", "X-Twilio-Signature must be ASCII")
         if not header or not signing.verify_twilio(self.twilio_auth_token, url, params, header):
             return self._refuse("twilio", "invalid or missing X-Twilio-Signature")
-        report = twilio_report({name: values[0] for name, values in params.items()})
+        report = twilio_report({name: clean_text(values[0]) for name, values in params.items()})
         return await self._record("twilio", [report] if report else [])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,6 +14,9 @@ from prometheus_client import (
 )
 
 from pgnotify_worker import __version__
+
+if TYPE_CHECKING:
+    pass
 
 # Sends: 1 ms .. 60 s; end to end: 1 ms .. 1 h (retries make it long).
 SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -158,6 +161,35 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+
+        self.oldest_transaction = Gauge(
+            "pgnotify_oldest_transaction_age_seconds",
+            "Age of the oldest open transaction of another client session on this database "
+            "(sessions of other roles count with pg_read_all_stats only; 0 when none).",
+            registry=r,
+        )
+        self.oldest_xmin = Gauge(
+            "pgnotify_oldest_xmin_age_transactions",
+            "Transaction IDs assigned since the oldest snapshot another session on this database "
+            "still holds (age(backend_xmin), every role's sessions; 0 when none).",
+            registry=r,
+        )
+        self.dead_tuples = Gauge(
+            "pgnotify_queue_dead_tuples",
+            "Dead row versions per queue table (notifications, events), from pg_stat_user_tables.",
+            ["table"],
+            registry=r,
+        )
+
+    def database(self, health: dict[str, Any]) -> None:
+        """The gauges of what holds the queue back: the oldest open transaction (a pinned
+        snapshot keeps every dead row) and the dead rows it keeps (refreshed with queue depth)."""
+        if health.get("age_seconds") is not None:
+            self.oldest_transaction.set(health["age_seconds"])
+        if health.get("xmin_age") is not None:
+            self.oldest_xmin.set(health["xmin_age"])
+        for table, dead in health.get("dead_tuples", {}).items():
+            self.dead_tuples.labels(table).set(dead)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: the lookup is measurable on the hot path."""

@@ -351,6 +351,29 @@ WITH everything AS (
 SELECT (SELECT count(*) FROM everything) + (SELECT count(*) FROM one)
 """
 
+# category_is_critical: is category $1 one users cannot opt out of (no unsubscribe link offered)?
+CATEGORY_IS_CRITICAL = """
+SELECT coalesce((SELECT critical FROM pgnotify.categories WHERE name = $1), false)
+"""
+
+# oldest_transaction: other client sessions' oldest open transaction here: seconds, and xid age.
+OLDEST_TRANSACTION = """
+SELECT coalesce(extract(epoch FROM now() - min(xact_start)), 0)::float8 AS age_seconds,
+       coalesce(max(age(backend_xmin)), 0)::bigint AS xmin_age
+FROM pg_stat_activity
+-- Without pg_read_all_stats, other roles' sessions show NULL xact_start and backend_type (but
+-- their backend_xmin): a session with a user is a client; autovacuum has none.
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND usename IS NOT NULL
+  AND coalesce(backend_type, 'client backend') = 'client backend'
+"""
+
+# queue_dead_tuples: dead row versions in the queue tables (a pinned snapshot keeps them).
+QUEUE_DEAD_TUPLES = """
+SELECT relname AS "table", n_dead_tup AS dead
+FROM pg_stat_user_tables
+WHERE schemaname = 'pgnotify' AND relname IN ('notifications', 'events')
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -31,7 +31,9 @@ class Facts:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Go ahead."""
+    """Go ahead. critical: the category ignores opt-outs, so no unsubscribe link is offered."""
+
+    critical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,7 @@ def decide(facts: Facts) -> Decision:
     if facts.suppressed:
         return Skip("suppressed", "the address is on the suppression list")
     if facts.critical:
-        return Send()
+        return Send(critical=True)
     if facts.unsubscribed:
         return Skip("unsubscribed", "the user unsubscribed from all notifications")
     if facts.requires_consent and facts.consent is not True:

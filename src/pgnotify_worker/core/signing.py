@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 
 from pgnotify_worker.errors import ConfigError
 
@@ -74,6 +75,22 @@ def verify(keys: list[bytes], msg_id: str, timestamp: int, body: bytes, header: 
 # --- signatures of inbound provider webhooks -------------------------------------------------
 
 SVIX_TOLERANCE = 300.0  # seconds, as Svix's own verifier
+MAX_TIMESTAMP_CHARS = 20  # Unix seconds have 10 digits; room for a fraction, never 400 digits
+
+
+def parse_timestamp(stamp: str) -> int | None:
+    """Unix seconds from a timestamp header ('1614265330', also '1614265330.5'), or None when it
+    is not one: non-ASCII, too long, not a finite number (never OverflowError or ValueError)."""
+    text = stamp.strip()
+    if not text or len(text) > MAX_TIMESTAMP_CHARS or not text.isascii():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return int(value)
 
 
 def verify_svix(secret: str, headers: dict[str, str], body: bytes, now: float) -> bool:
@@ -85,11 +102,10 @@ def verify_svix(secret: str, headers: dict[str, str], body: bytes, now: float) -
     header = lowered.get("svix-signature") or lowered.get("webhook-signature")
     if not (msg_id and stamp and header):
         return False
-    try:
-        timestamp = int(float(stamp))
-    except ValueError:
-        return False
-    if abs(now - timestamp) > SVIX_TOLERANCE:
+    if not (msg_id.isascii() and header.isascii()):
+        return False  # ids and signatures are ASCII; anything else cannot be encoded to sign
+    timestamp = parse_timestamp(stamp)
+    if timestamp is None or abs(now - timestamp) > SVIX_TOLERANCE:
         return False
     try:
         key = decode_secret(secret)
@@ -105,6 +121,8 @@ def verify_sendgrid(public_key_b64: str, signature_b64: str, timestamp: str, bod
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
     from cryptography.hazmat.primitives.serialization import load_der_public_key  # noqa: PLC0415
 
+    if not timestamp.isascii():
+        return False  # a header value is str; non-ASCII (even undecodable) bytes are never signed
     try:
         key = load_der_public_key(base64.b64decode(public_key_b64))
         signature = base64.b64decode(signature_b64, validate=True)
@@ -135,6 +153,8 @@ def verify_twilio(auth_token: str, url: str, params: dict[str, list[str]], heade
     port spelled out or left out."""
     from urllib.parse import urlsplit, urlunsplit  # noqa: PLC0415
 
+    if not header.isascii():
+        return False  # base64 is ASCII; compare_digest raises TypeError on other str
     parts = urlsplit(url)
     host = parts.hostname or ""
     default = 443 if parts.scheme == "https" else 80

@@ -183,7 +183,9 @@ class Dispatcher:
 
     # --- rendering ------------------------------------------------------------------------------
 
-    async def render(self, n: Notification) -> tuple[RenderedMessage, int | None]:
+    async def render(
+        self, n: Notification, critical: bool = False
+    ) -> tuple[RenderedMessage, int | None]:
         """Apply the stored template (newest version, best locale) and inline overrides."""
         parts = TemplateParts(subject=n.subject, body=n.body, html_body=n.html_body)
         version = None
@@ -205,6 +207,8 @@ class Dispatcher:
         unsubscribe = n.payload.get("unsubscribe_url")
         if not isinstance(unsubscribe, str) and self.unsubscribe_url and n.user_id is not None:
             unsubscribe = self.unsubscribe_url(n.user_id, n.category)
+        if critical and isinstance(unsubscribe, str):  # no opt-out: empty link, no header
+            unsubscribe = ""  # (not undefined: a template that prints it must still render)
         extra = {"unsubscribe_url": unsubscribe} if isinstance(unsubscribe, str) else None
         layouts = await self._layouts(parts, n.channel, n.locale)
         rendered = self.renderer.render(parts, build_context(n.payload, extra), layouts)
@@ -331,7 +335,7 @@ class Dispatcher:
         version = None
         outcome: Outcome
         try:
-            message, version = await self.render(n)
+            message, version = await self.render(n, isinstance(verdict, Send) and verdict.critical)
             empty = empty_body(message)
             if empty is not None:
                 raise TemplateError("empty_body", empty)

@@ -472,6 +472,7 @@ class Worker:
         while True:
             try:
                 self.metrics.queue(await self.store.queue_status())
+                self.metrics.database(await self.store.database_health())
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

@@ -28,7 +28,8 @@ def format_sender(name: str, address: str) -> str:
 
 
 def unsubscribe_headers(message: RenderedMessage) -> dict[str, str]:
-    """RFC 2369 / RFC 8058 one-click headers when the message has an https unsubscribe URL."""
+    """RFC 2369 / RFC 8058 one-click headers when the message has an https unsubscribe URL (a
+    critical category's message has an empty one: no headers)."""
     url = message.unsubscribe_url
     if not url or not url.startswith("https://") or any(c in url for c in "\r\n<>"):
         return {}

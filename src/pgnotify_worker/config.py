@@ -377,12 +377,28 @@ class Settings(BaseSettings):
             if field is not None:
                 raw = field.get_secret_value()
                 values.append(raw)
-                values.extend(part.strip() for part in raw.split(",") if part.strip())
+                parts = [part.strip() for part in raw.split(",") if part.strip()]
+                values.extend(parts)
+                # a Standard Webhooks secret is whsec_<base64 key>: the key alone leaks as much
+                values.extend(p.removeprefix("whsec_") for p in parts if p.startswith("whsec_"))
                 if "://" in raw and "@" in raw:  # the password inside a URL
                     userinfo = raw.split("://", 1)[1].split("@", 1)[0]
                     if ":" in userinfo:
                         values.append(userinfo.split(":", 1)[1])
         return sorted({v for v in values if v}, key=len, reverse=True)  # longest first
+
+    def secret_pairs(self) -> list[tuple[str, str]]:
+        """(user, secret) pairs that travel together as Basic credentials (base64 of
+        user:secret), so scrubbing can remove that form too: Twilio's account SID and auth
+        token, the SMTP user name and password."""
+        pairs = []
+        for user, secret in (
+            (self.twilio_account_sid, self.twilio_auth_token),
+            (self.smtp_username, self.smtp_password),
+        ):
+            if user and secret is not None and secret.get_secret_value():
+                pairs.append((user, secret.get_secret_value()))
+        return pairs
 
 
 def reveal(value: SecretStr | None) -> str | None:

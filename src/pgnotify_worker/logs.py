@@ -8,7 +8,9 @@ import logging
 import sys
 from collections.abc import Iterable
 
-from pgnotify_worker.core.redact import scrub
+from pgnotify_worker.core.redact import Scrubber
+
+LOG_LIMIT = 16_000  # characters of one message (with its traceback) after scrubbing
 
 # Fields a log call may pass in `extra`; anything else is ignored, so no payload sneaks in.
 FIELDS = (
@@ -28,20 +30,40 @@ FIELDS = (
 
 
 class ScrubFilter(logging.Filter):
-    """Removes secret values, emails and phone numbers from every message."""
+    """Removes secrets (in any encoding), credentials, emails and phone numbers from every
+    record: the message with its arguments, the traceback, and the extra fields."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] | Scrubber = ()) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        self.scrubber = secrets if isinstance(secrets, Scrubber) else Scrubber(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        if getattr(record, "_pgnotify_scrubbed", False):  # several handlers, one pass
+            return True
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string: keep what there is
+            message = f"{record.msg} {record.args}"
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
+        if record.exc_text:
+            message += "\n" + record.exc_text
             record.exc_text = None
-        record.msg = scrub(message, self.secrets)
+        if record.stack_info:
+            message += "\n" + record.stack_info
+            record.stack_info = None
+        record.msg = self.scrubber.clean(message, limit=LOG_LIMIT)
         record.args = None
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                record.__dict__[name] = (
+                    self.scrubber.code(value)
+                    if name == "error_code"
+                    else self.scrubber.clean(value, limit=LOG_LIMIT)
+                )
+        record.__dict__["_pgnotify_scrubbed"] = True
         return True
 
 
@@ -70,7 +92,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(
-    level: str, fmt: str, worker_id: str, secrets: Iterable[str] = (), stream: object = None
+    level: str,
+    fmt: str,
+    worker_id: str,
+    secrets: Iterable[str] | Scrubber = (),
+    stream: object = None,
 ) -> None:
     """Configure the root logger once (idempotent)."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]

@@ -90,8 +90,8 @@ _KEY_VALUE = (
 )
 _AT = r"(?:@|%40|%2540|\\u0040)"
 _EMAIL_RE = (
-    rf"(?P<email_1>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*{_AT}"
-    r"(?P<email_2>[A-Za-z0-9-])[A-Za-z0-9.-]*\.(?P<email_3>[A-Za-z]{2,})"
+    rf"(?P<email_1>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{{0,80}}{_AT}"
+    r"(?P<email_2>[A-Za-z0-9-])[A-Za-z0-9.-]{0,253}\.(?P<email_3>[A-Za-z]{2,63})"
 )
 _PLUS = r"(?:\+|%2B|%252B|\\u002[bB])"
 _PHONE_RE = rf"(?<![\w+%]){_PLUS}\d(?:[\d ().-]|%20){{6,}}\d"
@@ -99,6 +99,33 @@ _TO_DIGITS = (
     r"(?P<to_key>(?i:\bto)(?:\\?[\"'])?\s*(?::|=|%3A|%3D)\s*(?:\[\s*)?(?:\\?[\"'])?)"
     r"(?P<to_value>\d[\d ().-]{6,}\d)"
 )
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """One regex for many literals, as a trie: at each position the engine follows one branch
+    per character instead of trying every word (hundreds of forms cost little more than one).
+    The longest word wins where one is a prefix of another."""
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        branches = []
+        for first in sorted(k for k in node if k):
+            chain, child = [first], node[first]
+            while len(child) == 1 and "" not in child:  # a run without choices: no recursion
+                ((char, child),) = child.items()
+                chain.append(char)
+            branches.append(re.escape("".join(chain)) + build(child))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(root)
 
 
 def _b64_forms(raw: bytes) -> list[str]:
@@ -173,7 +200,7 @@ class Scrubber:
         # forms a cut (an upstream [:300]) may leave half of at the very end of a text
         self._tails = [f for f in self.forms if len(f) <= 4096]
         alternatives = [
-            rf"(?P<secret>{'|'.join(map(re.escape, self.forms))})" if self.forms else None,
+            rf"(?P<secret>{_trie_pattern(self.forms)})" if self.forms else None,
             rf"(?P<pem>{_PEM})",
             rf"(?P<pkjson>{_PRIVATE_KEY_JSON})",
             rf"(?P<jwt>{_JWT})",

@@ -375,3 +375,18 @@ def test_scrubber_is_one_precompiled_pass() -> None:
     per_call = (time.perf_counter() - started) / 200
     assert "CANARY-secret-number-0150-xyz" not in cleaned
     assert per_call < 0.005  # generous for a shared CI machine; ~0.1 ms here
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Body=Order+7+shipped+to+%2B15005550199.",
+        "Body=shipped%20to%20%2B15005550199",
+        "text=call+%2B1+500+555+0199",
+        '{"body": "to \\u002b15005550199"}',
+    ],
+)
+def test_scrubber_masks_url_encoded_numbers_in_form_bodies(text: str) -> None:
+    cleaned = SCRUBBER.clean(text)
+    assert "5005550199" not in cleaned
+    assert "0199" in cleaned  # the last four digits, as mask_phone keeps them

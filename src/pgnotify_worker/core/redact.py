@@ -93,8 +93,10 @@ _EMAIL_RE = (
     rf"(?P<email_1>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{{0,80}}{_AT}"
     r"(?P<email_2>[A-Za-z0-9-])[A-Za-z0-9.-]{0,253}\.(?P<email_3>[A-Za-z]{2,63})"
 )
-_PLUS = r"(?:\+|%2B|%252B|\\u002[bB])"
-_PHONE_RE = rf"(?<![\w+%]){_PLUS}\d(?:[\d ().-]|%20){{6,}}\d"
+# + raw (not after another + or a word), or encoded: %2B, %252B (twice), \u002b (JSON); spaces
+# inside the number raw, as %20 or as a form's +
+_PLUS = r"(?:(?<![\w+])\+|%2B|%252B|\\u002[bB])"
+_PHONE_RE = rf"{_PLUS}\d(?:[\d ().-]|%20|\+(?=\d)){{6,}}\d"
 _TO_DIGITS = (
     r"(?P<to_key>(?i:\bto)(?:\\?[\"'])?\s*(?::|=|%3A|%3D)\s*(?:\[\s*)?(?:\\?[\"'])?)"
     r"(?P<to_value>\d[\d ().-]{6,}\d)"

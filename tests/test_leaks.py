@@ -31,7 +31,9 @@ from tests.fakes.base import Body
 from tests.fakes.fcm import FakeFCM
 from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
+from tests.fakes.smtp import FakeSMTP
 from tests.fakes.twilio import FakeTwilio
+from tests.fakes.webhooks_in import post_webhook, resend_event, svix_headers
 
 DONE = {"sent", "failed", "dead", "skipped"}
 SENDER = "Acme <no-reply@acme.test>"
@@ -470,3 +472,98 @@ async def test_fcm_echoes_leak_neither_key_nor_assertion_nor_access_token(
     assert "assertion=***" in found["notifications.last_error"]
     assert "Authorization: ***" in found["notifications.last_error"]  # the access token
     assert all(CODE.fullmatch(code) for code in await error_codes(conn))
+
+
+# --- 5. SMTP: replies that quote the AUTH exchange and the recipient ------------------------------
+
+
+async def test_smtp_replies_leak_neither_password_nor_recipient(
+    conn: asyncpg.Connection,
+    dsn: str,
+    worker_settings: Callable[..., Settings],
+    json_logs: Callable[[Settings], Logs],
+) -> None:
+    user, password = "mailer-canary", "CANARYsmtpPASSWORD/+=9"
+    plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    login = base64.b64encode(password.encode()).decode()
+    other = "grace.canary@example.org"
+    async with FakeSMTP(username=user, password=password) as fake:
+        settings = worker_settings(
+            **base_settings(
+                dsn,
+                email_providers="smtp",
+                smtp_host=fake.host,
+                smtp_port=fake.port,
+                smtp_security="none",
+                smtp_username=user,
+                smtp_password=password,
+            )
+        )
+        logs = json_logs(settings)
+        async with running(settings) as service:
+            fake.reply_next(1, 451, f"4.3.0 try later, you sent AUTH PLAIN {plain} for <{EMAIL}>")
+            assert (await deliver(conn, service, "email", EMAIL))["status"] == "dead"
+            fake.reply_next(1, 554, f"5.7.1 rejected: password={password} <{EMAIL}>")
+            assert (await deliver(conn, service, "email", EMAIL))["status"] == "failed"
+            fake.slow_next(1, 3.0)
+            assert (await deliver(conn, service, "email", EMAIL))["status"] == "dead"
+            fake.rcpt_replies[other] = f"550 5.1.1 <{other}>: no such user (AUTH LOGIN {login})"
+            assert (await deliver(conn, service, "email", other))["status"] == "failed"
+            found = await outputs(conn, service)
+        found["logs"] = logs.getvalue()
+        found["captured logs"] = logs.captured()
+        assert fake.auth_attempts and all(ok for _, ok in fake.auth_attempts)
+
+    secrets = canaries(
+        password, WEBHOOK_SECRET, UNSUBSCRIBE_SECRET, DB_PASSWORD, pairs=((user, password),)
+    )
+    secrets.update({plain: "AUTH PLAIN", login: "AUTH LOGIN", other: "a recipient"})
+    assert_no_leak(found, secrets)
+    assert "smtp_550" in found["events.error_code"]
+    assert all(CODE.fullmatch(code) for code in await error_codes(conn))
+
+
+# --- 6. a delivery report that quotes the address and a key --------------------------------------
+
+
+async def test_inbound_bounce_report_is_stored_scrubbed(
+    conn: asyncpg.Connection,
+    dsn: str,
+    resend: FakeResend,
+    worker_settings: Callable[..., Settings],
+    json_logs: Callable[[Settings], Logs],
+) -> None:
+    webhook_secret = "whsec_" + base64.b64encode(b"CANARYresendWEBHOOK-0123456789").decode()
+    settings = worker_settings(
+        **base_settings(
+            dsn,
+            email_providers="resend",
+            resend_api_key=RESEND_KEY,
+            resend_base_url=resend.url,
+            resend_webhook_secret=webhook_secret,
+        )
+    )
+    logs = json_logs(settings)
+    async with running(settings) as service:
+        row = await deliver(conn, service, "email", EMAIL)
+        assert row["status"] == "sent"
+        bounce = {
+            "type": "Permanent",
+            "subType": "General",
+            "message": f"550 5.1.1 <{EMAIL}> unknown; request had Authorization: Bearer "
+            f"{RESEND_KEY}",
+        }
+        body = json.dumps(resend_event("email.bounced", row["provider_message_id"], bounce=bounce))
+        url = f"http://127.0.0.1:{service.http_port}/webhooks/resend"
+        status, _ = await post_webhook(
+            url, body.encode(), svix_headers(webhook_secret, body.encode())
+        )
+        assert status == 200
+        found = await outputs(conn, service)
+    found["logs"] = logs.getvalue()
+    found["captured logs"] = logs.captured()
+
+    assert "Permanent" in found["events.detail"]  # the report was stored, scrubbed
+    assert_no_leak(
+        found, canaries(RESEND_KEY, webhook_secret, WEBHOOK_SECRET, UNSUBSCRIBE_SECRET, DB_PASSWORD)
+    )

@@ -111,6 +111,11 @@ def cmd_run(settings: Settings) -> int:
             else None
         )
         service = Service(settings, dsn, listen_dsn)
+        if secret_file is not None:  # the dev secret came after logging was set up: scrub it too
+            assert settings.worker_id is not None
+            setup_logging(
+                settings.log_level, settings.log_format, settings.worker_id, service.scrubber
+            )
         asyncio.run(service.run())
     return 0
 

@@ -265,7 +265,7 @@ class Scrubber:
         if code is None:
             return None
         cleaned = self.clean(code, limit=None)
-        token = re.sub(r"[^A-Za-z0-9_.:-]+", "_", cleaned).strip("_")
+        token = re.sub(r"(?:[^A-Za-z0-9_.:-]|_)+", "_", cleaned).strip("_")
         return token[:CODE_LIMIT] or "error"
 
     def tree(self, value: Any, limit: int | None = DEFAULT_LIMIT) -> Any:

@@ -390,3 +390,20 @@ def test_scrubber_masks_url_encoded_numbers_in_form_bodies(text: str) -> None:
     cleaned = SCRUBBER.clean(text)
     assert "5005550199" not in cleaned
     assert "0199" in cleaned  # the last four digits, as mask_phone keeps them
+
+
+def test_scrubber_outcome_cleans_code_and_message_and_keeps_the_rest() -> None:
+    from pgnotify_worker.models import Permanent, Retryable, Sent
+
+    retry = Retryable(
+        f"resend_{RESEND}", f"echo Bearer {RESEND} to ada@example.com", 3.0, trip=True
+    )
+    cleaned = SCRUBBER.outcome(retry)
+    assert isinstance(cleaned, Retryable)
+    assert (cleaned.retry_after, cleaned.trip) == (3.0, True)
+    assert RESEND not in cleaned.code + cleaned.message
+    assert "ada@example.com" not in cleaned.message
+    permanent = SCRUBBER.outcome(Permanent("twilio_21211", "bad", suppress="invalid_number"))
+    assert permanent == Permanent("twilio_21211", "bad", suppress="invalid_number")
+    sent = Sent("id-1")
+    assert SCRUBBER.outcome(sent) is sent

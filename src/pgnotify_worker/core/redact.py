@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus, urlsplit
 
 
@@ -63,6 +64,7 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 # --- the Scrubber: every configured secret in every encoding, credentials, JWTs, addresses ------
 
+_O = TypeVar("_O")
 REDACTED = "***"
 CUT_MARKER = "…[cut]"
 DEFAULT_LIMIT = 500  # a stored or shown provider error
@@ -267,6 +269,17 @@ class Scrubber:
         cleaned = self.clean(code, limit=None)
         token = re.sub(r"(?:[^A-Za-z0-9_.:-]|_)+", "_", cleaned).strip("_")
         return token[:CODE_LIMIT] or "error"
+
+    def outcome(self, outcome: _O) -> _O:
+        """A send outcome with its code and message scrubbed (Sent passes as it is): for the
+        dispatcher to apply where a provider's answer enters, so breakers, logs and spans only
+        ever hold clean text."""
+        code, message = getattr(outcome, "code", None), getattr(outcome, "message", None)
+        if not isinstance(code, str) or not isinstance(message, str):
+            return outcome
+        return dataclasses.replace(  # type: ignore[type-var]
+            outcome, code=self.code(code) or "error", message=self.clean(message)
+        )
 
     def tree(self, value: Any, limit: int | None = DEFAULT_LIMIT) -> Any:
         """Every string inside dicts/lists/tuples cleaned (keys are ours and kept)."""

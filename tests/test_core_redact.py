@@ -281,6 +281,10 @@ def test_scrubber_removes_a_secret_in_any_encoding_and_context(name: str, form: 
         ('{"to": ["15005550199"]}', "15005550199"),
         ("number +1 (500) 555-0199 is not valid", "555-0199"),
         ("whatsapp:+15005550199", "15005550199"),
+        ('{"message": {"token": "fcm-device-TOKEN:APA91b-xyz", "data": {}}}', "APA91b-xyz"),
+        ('{\\"token\\": \\"fcm-device-TOKEN:APA91b-xyz\\"}', "APA91b-xyz"),
+        ('{"endpoint": "https://fcm.googleapis.com/fcm/send/dXyZ123", "keys": {}}', "dXyZ123"),
+        ('"keys": {"p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA", "auth": "tBHI"}', "BNcRdre"),
     ],
 )
 def test_scrubber_removes_credentials_jwts_keys_and_addresses(text: str, gone: str) -> None:

@@ -90,6 +90,11 @@ _KEY_VALUE = (
     r"(?:\\?[\"'])?\s*(?::|=|%3A|%3D)\s*(?:\\?[\"'])?)"
     rf"(?P<kv_value>(?i:(?:bearer|basic|digest){_SCHEME_SEP})?[^\s\"'&,;}}\]\\]+)"
 )
+# push recipients inside an echoed JSON body: an FCM registration token, a Web Push subscription
+_DEVICE_JSON = (
+    r"(?P<device_key>\\?\"(?:token|registration_token|device_token|endpoint|p256dh|auth)\\?\""
+    r"\s*:\s*)\\?\"(?:[^\"\\]|\\[^\"])*\\?\"?"
+)
 _AT = r"(?:@|%40|%2540|\\u0040)"
 _EMAIL_RE = (
     rf"(?P<email_1>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{{0,80}}{_AT}"
@@ -208,6 +213,7 @@ class Scrubber:
             rf"(?P<pem>{_PEM})",
             rf"(?P<pkjson>{_PRIVATE_KEY_JSON})",
             rf"(?P<jwt>{_JWT})",
+            rf"(?P<device>{_DEVICE_JSON})",
             rf"(?P<kv>{_KEY_VALUE})",
             rf"(?P<auth>{_AUTH_SCHEME})",
             rf"(?P<email>{_EMAIL_RE})",
@@ -226,6 +232,8 @@ class Scrubber:
             return f'{m.group("pkjson_key")}"{REDACTED}"'
         if kind == "jwt":
             return "<jwt>"
+        if kind == "device":
+            return f'{m.group("device_key")}"{REDACTED}"'
         if kind == "kv":
             return f"{m.group('kv_key')}{REDACTED}"
         if kind == "auth":

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pgnotify_worker.logs import FIELDS, JsonFormatter, ScrubFilter
+from pgnotify_worker.core.redact import Scrubber
+from pgnotify_worker.logs import FIELDS, JsonFormatter, ScrubFilter, scrub_every_record
 
 SECRET = "sk_live_Zx81bQ0pLm"
 
@@ -132,3 +133,44 @@ def test_scrub_filter_handles_exc_info_tuples_directly() -> None:
     assert record.args is None
     assert SECRET not in record.getMessage()
     assert record.getMessage().startswith("boom x\n")
+
+
+def test_every_handler_sees_a_scrubbed_record_and_extra_fields_are_scrubbed() -> None:
+    """scrub_every_record: a handler that is not ours (a test's capture, an error tracker)
+    gets the record already clean; ScrubFilter cleans the extra fields set after it is made."""
+    seen: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    factory = logging.getLogRecordFactory()
+    logger = logging.getLogger("pgnotify_test.factory")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    foreign, stream = Collect(), io.StringIO()
+    ours = logging.StreamHandler(stream)
+    scrubber = Scrubber([SECRET])
+    ours.addFilter(ScrubFilter(scrubber))
+    ours.setFormatter(JsonFormatter("w"))
+    logger.addHandler(foreign)  # before ours: it sees the record first
+    logger.addHandler(ours)
+    try:
+        scrub_every_record(scrubber)
+        scrub_every_record(scrubber)  # again: replaces, does not stack
+        logger.warning(
+            "key %s to %s",
+            SECRET,
+            "ada@example.com",
+            extra={"error_code": f"resend_{SECRET} x", "recipient": "ada@example.com"},
+        )
+    finally:
+        logging.setLogRecordFactory(factory)
+        logger.removeHandler(foreign)
+        logger.removeHandler(ours)
+    (record,) = seen
+    assert record.getMessage() == "key *** to a***@e***.com"
+    (entry,) = lines(stream)
+    assert entry["error_code"] == "resend_x"
+    assert entry["recipient"] == "a***@e***.com"
+    assert SECRET not in stream.getvalue()

@@ -23,6 +23,7 @@ from pgnotify_worker.adapters import db, migrate, queries
 from pgnotify_worker.adapters.embedded import EmbeddedPostgres, start_embedded
 from pgnotify_worker.adapters.providers.webhook import WebhookSettings
 from pgnotify_worker.config import Settings, load_settings
+from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.errors import ConfigError, PgnotifyError
 from pgnotify_worker.logs import setup_logging
 
@@ -114,6 +115,11 @@ def cmd_run(settings: Settings) -> int:
             else None
         )
         service = Service(settings, dsn, listen_dsn)
+        if secret_file is not None:  # the dev secret came after logging was set up: scrub it too
+            assert settings.worker_id is not None
+            setup_logging(
+                settings.log_level, settings.log_format, settings.worker_id, service.scrubber
+            )
         asyncio.run(service.run())
     return 0
 
@@ -193,7 +199,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         await migrate.check_version(conn)
         queue = [dict(r) for r in await conn.fetch(queries.QUEUE_STATUS)]
         errors = [dict(r) for r in await conn.fetch(queries.RECENT_ERRORS, 10)]
-        return {"queue": queue, "recent_errors": errors}
+        # rows written before scrubbing existed, or by another tool, are scrubbed on display
+        scrubber = Scrubber(settings.secret_values(), settings.secret_pairs())
+        return {"queue": queue, "recent_errors": scrubber.tree(errors)}
 
     with database(settings) as (dsn, _embedded):
         report = asyncio.run(_with_conn(dsn, go, settings.statement_cache_size))
@@ -277,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         assert settings.worker_id is not None
         setup_logging(
-            settings.log_level, settings.log_format, settings.worker_id, settings.secret_values()
+            settings.log_level,
+            settings.log_format,
+            settings.worker_id,
+            Scrubber(settings.secret_values(), settings.secret_pairs()),
         )
         if args.command == "run":
             return cmd_run(settings)

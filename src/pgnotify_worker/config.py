@@ -318,12 +318,29 @@ class CoreSettings(BaseSettings):
             if isinstance(field, SecretStr):
                 raw = field.get_secret_value()
                 values.append(raw)
-                values.extend(part.strip() for part in raw.split(",") if part.strip())
+                parts = [part.strip() for part in raw.split(",") if part.strip()]
+                values.extend(parts)
+                # a Standard Webhooks secret is whsec_<base64 key>: the key alone leaks as much
+                values.extend(p.removeprefix("whsec_") for p in parts if p.startswith("whsec_"))
                 if "://" in raw and "@" in raw:  # the password inside a URL
                     userinfo = raw.split("://", 1)[1].split("@", 1)[0]
                     if ":" in userinfo:
                         values.append(userinfo.split(":", 1)[1])
         return sorted({v for v in values if v}, key=len, reverse=True)  # longest first
+
+    def secret_pairs(self) -> list[tuple[str, str]]:
+        """(user, secret) pairs that travel together as Basic credentials (base64 of
+        user:secret), so scrubbing can remove that form too; each provider's settings say
+        theirs (`basic_auth_pairs`: Twilio's SID and token, the SMTP user and password)."""
+        from pgnotify_worker.adapters.providers.catalog import provider_specs  # noqa: PLC0415
+
+        pairs: list[tuple[str, str]] = []
+        for spec in provider_specs().values():
+            own = spec.settings.model_validate(self, from_attributes=True)
+            found = getattr(own, "basic_auth_pairs", None)
+            if found is not None:
+                pairs.extend(found())
+        return pairs
 
 
 def _compose() -> type[CoreSettings]:

@@ -28,6 +28,7 @@ from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.core.circuit import CircuitState
+from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
@@ -54,6 +55,9 @@ class Service:
         self.listen_dsn = listen_dsn or dsn
         self.worker_id = settings.worker_id
         self.metrics = Metrics(self.worker_id)
+        # built once: everything stored (via the QueueStore) and shown (/status, /readyz) goes
+        # through it, so a provider's echo of our key or of a recipient never leaves the process
+        self.scrubber = Scrubber(settings.secret_values(), settings.secret_pairs())
         self.health = Health(listen=settings.listen)
         self.started_at = time.time()
         self.http_port: int | None = None
@@ -191,7 +195,7 @@ class Service:
             stack.push_async_callback(pool.close)
             self.health.db_ok = True
             self.health.db_error = None
-            store = db.QueueStore(pool, self.worker_id)
+            store = db.QueueStore(pool, self.worker_id, self.scrubber)
             self.store = store
 
             self.providers = build_providers(s, store)
@@ -285,6 +289,7 @@ class Service:
                     },
                     alert=self._alert,
                     on_finish=self._job_finished,
+                    scrub=lambda text: self.scrubber.clean(text, limit=1000),
                 )
                 background.append(self.jobs.run)
             self.ready.set()
@@ -364,7 +369,7 @@ class Service:
         if self.store is not None and not await self.store.alive():
             reasons.append("database does not answer")
         self.metrics.ready.set(0 if reasons else 1)
-        return reasons
+        return [self.scrubber.clean(reason) for reason in reasons]
 
     async def _jobs_status(self) -> list[dict[str, Any]] | dict[str, str]:
         if self.jobs is None:
@@ -375,7 +380,12 @@ class Service:
             return {"error": type(exc).__name__}
 
     async def status(self) -> dict[str, Any]:
-        """The /status document."""
+        """The /status document, scrubbed: circuits' last failures and database/listener errors
+        are free text from providers and drivers."""
+        document: dict[str, Any] = self.scrubber.tree(await self._status())
+        return document
+
+    async def _status(self) -> dict[str, Any]:
         worker = self.worker
         channels = {}
         for name, entry in self.providers.items():

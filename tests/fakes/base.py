@@ -51,12 +51,21 @@ class Recorded:
 class Script:
     """What to do with the next `remaining` requests of a channel."""
 
-    kind: str  # "respond" (a canned answer), "delay" (then normal handling) or "hang"
+    kind: str  # "respond" (a canned answer), "echo", "delay" (then normal handling) or "hang"
     remaining: int
     status: int = 500
     body: Body = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    shape: Callable[[str], Body] | None = None  # "echo": the answer's body around the echo
+
+
+def echo_text(method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> str:
+    """The request as a careless provider repeats it in an error: credentials first (so they
+    survive a provider client's length cap), then the body as sent, then the rest."""
+    auth = [f"{k}: {v}" for k, v in headers.items() if k.lower() == "authorization"]
+    others = [f"{k}: {v}" for k, v in headers.items() if k.lower() != "authorization"]
+    return " | ".join([*auth, body.decode("utf-8", "replace"), f"{method} {path_qs}", *others])
 
 
 async def record_request(request: web.Request) -> Recorded:
@@ -225,6 +234,23 @@ class FakeServer:
         extra.update(headers or {})
         self._push(Script("respond", n, status=status, body=body, headers=extra, delay=delay))
 
+    def echo_next(
+        self,
+        n: int,
+        *,
+        status: int,
+        shape: Callable[[str], Body] | None = None,
+        headers: Mapping[str, str] | None = None,
+        channel: str | None = None,
+    ) -> None:
+        """Answer the next `n` requests of `channel` (default: sends) with `status` and a body
+        that repeats the request (Authorization header, body, path, other headers), as many
+        real providers do in their error messages. `shape(echo)` builds the body (default:
+        {"error": echo, "message": echo})."""
+        self._push(
+            Script("echo", n, status=status, headers=dict(headers or {}), shape=shape), channel
+        )
+
     def slow_next(self, n: int, seconds: float) -> None:
         """Handle the next `n` send requests normally, but only after `seconds`."""
         self._push(Script("delay", n, delay=seconds))
@@ -265,6 +291,12 @@ class FakeServer:
             return self._drop(request)
         if script.kind == "respond":
             return make_response(script.status, script.body, script.headers)
+        if script.kind == "echo":
+            echo = echo_text(
+                request.method, request.path_qs, dict(request.headers), await request.read()
+            )
+            body = script.shape(echo) if script.shape else {"error": echo, "message": echo}
+            return make_response(script.status, body, script.headers)
         return None
 
     def _drop(self, request: web.Request) -> web.StreamResponse:

@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from pgnotify_worker.adapters import queries
+from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.errors import StoreError, StoreUnavailable
 from pgnotify_worker.models import Completion, Notification, TemplateRow
 
@@ -108,11 +109,25 @@ async def create_pool(
 
 
 class QueueStore:
-    """The worker's view of pgnotify.*: every call is one statement and one round trip."""
+    """The worker's view of pgnotify.*: every call is one statement and one round trip.
 
-    def __init__(self, pool: asyncpg.Pool, worker_id: str) -> None:
+    The one way error text reaches the database (notifications.last_error, events.error and
+    error_code, event details): each is passed through `scrubber` on the way in, so no secret,
+    credential or address a provider echoed is stored, and codes are short tokens."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, worker_id: str, scrubber: Scrubber | None = None
+    ) -> None:
         self.pool = pool
         self.worker_id = worker_id
+        self.scrubber = scrubber or Scrubber()
+
+    def _error(self, text: str | None) -> str | None:
+        return None if text is None else self.scrubber.clean(text)
+
+    def _detail(self, detail: dict[str, Any] | None) -> dict[str, Any] | None:
+        cleaned: dict[str, Any] | None = self.scrubber.tree(detail) if detail else detail
+        return cleaned
 
     @translated
     async def claim(self, channel: str, limit: int, lease_seconds: float) -> list[Notification]:
@@ -187,8 +202,8 @@ class QueueStore:
             [c.status for c in batch],
             [c.event for c in batch],
             [c.delay for c in batch],
-            [c.error_code for c in batch],
-            [c.error for c in batch],
+            [self.scrubber.code(c.error_code) for c in batch],
+            [self._error(c.error) for c in batch],
             [c.provider for c in batch],
             [c.provider_message_id for c in batch],
             [c.duration_ms for c in batch],
@@ -276,7 +291,9 @@ class QueueStore:
         self, channel: str, address: str, reason: str, source: str, detail: dict[str, Any] | None
     ) -> None:
         """Add an address to the suppression list (once)."""
-        await self.pool.execute(queries.SUPPRESS, channel, address, reason, source, detail)
+        await self.pool.execute(
+            queries.SUPPRESS, channel, address, reason, source, self._detail(detail)
+        )
 
     @translated
     async def note(
@@ -298,9 +315,9 @@ class QueueStore:
             attempt,
             self.worker_id,
             provider,
-            error_code,
-            error,
-            detail,
+            self.scrubber.code(error_code),
+            self._error(error),
+            self._detail(detail),
         )
 
     @translated
@@ -324,9 +341,9 @@ class QueueStore:
             notification_id,
             provider_message_id,
             event,
-            error_code,
-            error,
-            detail,
+            self.scrubber.code(error_code),
+            self._error(error),
+            self._detail(detail),
             external_id,
         )
         if row is None:

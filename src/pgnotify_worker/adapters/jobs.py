@@ -31,6 +31,7 @@ class JobRunner:
     alert: Callable[[str, int, str | None], Awaitable[None]] | None = None
     on_finish: Callable[[str, str, int], None] = lambda _job, _status, _streak: None
     idle_poll: float = 30.0
+    scrub: Callable[[str], str] = lambda text: text  # a failed run's error, before it is kept
 
     async def sync(self) -> None:
         """Built-in commands follow the settings; new jobs get their first run time."""
@@ -62,6 +63,7 @@ class JobRunner:
                     queries.JOB_START, job["name"], upcoming, job["next_run_at"], self.worker_id
                 )
             status, rows, error = await self._execute(conn, job["command"], job["timeout_seconds"])
+            error = self.scrub(error) if error is not None else None
             finished = await conn.fetchrow(queries.JOB_FINISH, run_id, status, rows, error)
         streak = finished["consecutive_failures"] if finished else 0
         self.on_finish(job["name"], status, streak)

@@ -193,6 +193,11 @@ class SmtpSettings(BaseModel):
     )
     smtp_connections: int = Field(4, ge=1, le=100, description="SMTP connections kept open.")
 
+    def basic_auth_pairs(self) -> list[tuple[str, str]]:
+        """The AUTH PLAIN/LOGIN credentials (scrubbed in every encoding)."""
+        password = reveal(self.smtp_password)
+        return [(self.smtp_username, password)] if self.smtp_username and password else []
+
 
 def _build(cfg: SmtpSettings, ctx: Context) -> Provider:
     return SmtpProvider(

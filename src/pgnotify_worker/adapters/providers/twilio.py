@@ -138,6 +138,11 @@ class TwilioSettings(BaseModel):
     )
     twilio_base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
 
+    def basic_auth_pairs(self) -> list[tuple[str, str]]:
+        """The Basic credentials of its requests (scrubbed in every encoding)."""
+        token = reveal(self.twilio_auth_token)
+        return [(self.twilio_account_sid, token)] if self.twilio_account_sid and token else []
+
 
 def _build(cfg: TwilioSettings, ctx: Context) -> Provider:
     base = ctx.settings.public_base_url

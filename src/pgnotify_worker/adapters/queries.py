@@ -108,7 +108,7 @@ FROM released GROUP BY channel
 
 # reap: requeue up to $1 rows whose lease expired (their worker died or stalled); a row whose
 # attempts are spent goes dead instead, so a row that kills its worker cannot loop forever.
-# The one reaper is the SQL function (schema 0006), also behind requeue_expired_leases().
+# The one reaper is the SQL function (schema 0007), also behind requeue_expired_leases().
 REAP = """
 SELECT channel, requeued, dead FROM pgnotify.reap_expired_leases($1)
 """

@@ -1,14 +1,14 @@
--- pgnotify-worker migration 0006: one lease reaper. The worker and the SQL function used to
+-- pgnotify-worker migration 0007: one lease reaper. The worker and the SQL function used to
 -- disagree (grace, error text, wake-up); now the worker calls pgnotify.reap_expired_leases()
 -- and requeue_expired_leases() (kept for the reap_leases job and runbooks) counts its rows.
--- Idempotent: does nothing when version 6 is recorded.
+-- Idempotent: does nothing when version 7 is recorded.
 BEGIN;
 SELECT pg_advisory_xact_lock(7245390117010512);
 
 DO $migration$
 BEGIN
-IF EXISTS (SELECT 1 FROM pgnotify.schema_migrations WHERE version = 6) THEN
-    RAISE NOTICE 'pgnotify migration 6 (reaper) is already applied';
+IF EXISTS (SELECT 1 FROM pgnotify.schema_migrations WHERE version = 7) THEN
+    RAISE NOTICE 'pgnotify migration 7 (reaper) is already applied';
     RETURN;
 END IF;
 
@@ -56,7 +56,10 @@ $fn$;
 COMMENT ON FUNCTION pgnotify.requeue_expired_leases IS
     'The lease reaper as SQL: rows requeued or killed (see reap_expired_leases).';
 
-INSERT INTO pgnotify.schema_migrations (version, name) VALUES (6, 'reaper');
+-- the new function gets the same grants as the rest (no PUBLIC execute; the worker and admins)
+PERFORM pgnotify.apply_grants();
+
+INSERT INTO pgnotify.schema_migrations (version, name) VALUES (7, 'reaper');
 END
 $migration$;
 COMMIT;

@@ -26,6 +26,7 @@ from pgnotify_worker.service import Service
 from tests.support.pgcluster import TempCluster
 
 TEMPLATE_DB = "pgnotify_template"
+LOOPBACK_NETWORKS = "127.0.0.0/8"  # where the fake receivers listen
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-0123456789abcdef!").decode()
 
 
@@ -92,6 +93,11 @@ async def scratch_database(
     admin = await _admin(server)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        # the INSERT check refuses loopback webhook URLs unless allowed, as the worker does
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET pgnotify.webhook_allowed_networks = '
+            f"'{LOOPBACK_NETWORKS}'"
+        )
     finally:
         await admin.close()
     try:
@@ -206,7 +212,7 @@ def test_settings(dsn: str, **overrides: Any) -> Settings:
         "http_host": "127.0.0.1",
         "http_port": 0,
         "webhook_secret": WEBHOOK_SECRET,
-        "webhook_allowed_networks": "127.0.0.0/8",
+        "webhook_allowed_networks": LOOPBACK_NETWORKS,
         "poll_interval": 1.0,
         "reap_interval": 0.5,
         "lease_seconds": 10.0,

@@ -448,7 +448,7 @@ async def test_template_problems_fail_permanently_with_the_reason(
         "{% if %}": "syntax error",
     }
     ids = [
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'ada@example.com', body => $1)", body)
+        await conn.fetchval("SELECT pgnotify.enqueue('email', 'ada@example.com', subject => 'Hi', body => $1)", body)
         for body in cases
     ]
     settings = worker_settings(email_providers="file", file_sink_path=str(tmp_path / "o.jsonl"))
@@ -578,7 +578,7 @@ async def test_no_secret_or_address_in_logs_status_or_metrics(
     webhook_sink.responder = lambda r, n: web.Response(status=500, text="ada.lovelace@example.com")
     await enqueue_webhook(conn, webhook_sink.url + "/ada.lovelace@example.com", max_attempts=2)
     await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'ada.lovelace@example.com', body => 'Hi {{ missing }}')"
+        "SELECT pgnotify.enqueue('email', 'ada.lovelace@example.com', subject => 'Hi', body => 'Hi {{ missing }}')"
     )
     await conn.fetchval("SELECT pgnotify.enqueue('sms', '+14155550123', body => '{{ 1/0 }}')")
     settings = worker_settings(database_url=secret_dsn)

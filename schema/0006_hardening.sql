@@ -187,7 +187,7 @@ BEGIN
         EXCEPTION WHEN invalid_text_representation THEN
             RETURN NULL;
         END;
-        IF family(addr) = 6 AND (addr <<= '::ffff:0:0/96' OR addr <<= '::/96') THEN
+        IF family(addr) = 6 AND (addr <<= '::ffff:0:0/96' OR addr <<= '::/96' AND addr > '::1') THEN
             -- IPv4-mapped and IPv4-compatible addresses reach the IPv4 address they carry
             RETURN '0.0.0.0'::inet + (addr - CASE WHEN addr <<= '::ffff:0:0/96'
                 THEN '::ffff:0:0'::inet ELSE '::'::inet END);

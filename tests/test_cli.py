@@ -58,7 +58,9 @@ async def test_migrate_enqueue_status_cancel_retry(empty_dsn: str) -> None:
 
     conn = await asyncpg.connect(empty_dsn)
     try:
-        other = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')")
+        other = await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+        )
         await conn.execute("UPDATE pgnotify.notifications SET status = 'dead' WHERE id = $1", other)
         assert cli("retry", str(other), env=env).returncode == 0
         assert (

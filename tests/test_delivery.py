@@ -450,7 +450,9 @@ async def test_template_problems_fail_permanently_with_the_reason(
         "{% if %}": "syntax error",
     }
     ids = [
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'ada@example.com', subject => 'Hi', body => $1)", body)
+        await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'ada@example.com', subject => 'Hi', body => $1)", body
+        )
         for body in cases
     ]
     settings = worker_settings(email_providers="file", file_sink_path=str(tmp_path / "o.jsonl"))

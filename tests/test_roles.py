@@ -12,7 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests.conftest import WebhookSink, running, test_settings, wait_rows
+from tests import conftest
+from tests.conftest import WebhookSink, running, wait_rows
 
 LoginAs = Callable[..., Awaitable[str]]
 
@@ -154,7 +155,7 @@ async def test_a_producer_enqueues_and_can_read_nothing_back(
         "SELECT count(*) AS rows, count(*) FILTER (WHERE category = 'chat') AS chat "
         "FROM pgnotify.notifications"
     )
-    assert (counts["rows"], counts["chat"]) == (7, 2)  # 2 + 1 + 2 + chat: in-app and email
+    assert (counts["rows"], counts["chat"]) == (8, 3)  # 2 + 1 + 2 + chat: in-app, push, email
 
 
 async def test_the_worker_queries_are_not_a_producers_to_run(
@@ -228,12 +229,12 @@ async def test_the_worker_role_runs_a_real_delivery(
         )
     finally:
         await producer.close()
-    settings = test_settings(worker_dsn, migrate_on_start=False, channels="webhook,inapp")
+    settings = conftest.test_settings(worker_dsn, migrate_on_start=False, channels="webhook,inapp")
     async with running(settings) as service:
         rows = await wait_rows(conn, [hook, inapp], {"sent", "failed", "dead"}, service)
     assert [(r["status"], r["last_error"]) for r in rows] == [("sent", None), ("sent", None)]
     assert len(webhook_sink.requests) == 1
-    assert webhook_sink.requests[0].json() == {"order": 7}
+    assert webhook_sink.requests[0].json()["data"] == {"order": 7}
     assert await conn.fetchval("SELECT count(*) FROM pgnotify.inbox WHERE user_id = 'ada'") == 1
 
 
@@ -257,10 +258,15 @@ async def test_the_worker_role_runs_every_builtin_job(
         await denied(worker, "CREATE TABLE pgnotify.x (id int)")
         await denied(worker, "TRUNCATE pgnotify.notifications")
         await denied(worker, "SELECT * FROM pgnotify.chat_messages")
-        await denied(worker, "INSERT INTO pgnotify.templates (key, channel, body) VALUES ('k', 'email', 'x')")
+        await denied(
+            worker, "INSERT INTO pgnotify.templates (key, channel, body) VALUES ('k', 'email', 'x')"
+        )
     finally:
         await worker.close()
-    assert await conn.fetchval("SELECT count(*) FROM pgnotify.notifications WHERE digest_of = 'daily'") == 1
+    assert (
+        await conn.fetchval("SELECT count(*) FROM pgnotify.notifications WHERE digest_of = 'daily'")
+        == 1
+    )
 
 
 async def test_an_admin_reads_everything_and_retries(

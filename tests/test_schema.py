@@ -62,7 +62,12 @@ async def test_schema_files_apply_with_psql_and_rerun_as_no_ops(empty_dsn: str) 
     conn = await asyncpg.connect(empty_dsn)
     try:
         assert await migrate.applied_version(conn) == SCHEMA_VERSION
-        assert await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')") == 1
+        assert (
+            await conn.fetchval(
+                "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+            )
+            == 1
+        )
     finally:
         await conn.close()
 
@@ -209,7 +214,9 @@ async def test_insert_notifies_once_per_statement_and_channel(
 
 
 async def test_cancel_only_what_has_not_started(conn: asyncpg.Connection) -> None:
-    nid = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')")
+    nid = await conn.fetchval(
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+    )
     assert await conn.fetchval("SELECT pgnotify.cancel($1)", nid) is True
     assert await conn.fetchval("SELECT pgnotify.cancel($1)", nid) is False  # already cancelled
     assert await conn.fetchval("SELECT pgnotify.cancel(999999)") is False
@@ -220,7 +227,9 @@ async def test_cancel_only_what_has_not_started(conn: asyncpg.Connection) -> Non
 
 
 async def test_retry_requeues_failed_and_dead_only(conn: asyncpg.Connection) -> None:
-    nid = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')")
+    nid = await conn.fetchval(
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+    )
     assert await conn.fetchval("SELECT pgnotify.retry($1)", nid) is False  # still queued
     await conn.execute(
         "UPDATE pgnotify.notifications SET status = 'dead', attempts = 10, last_error = 'boom' WHERE id = $1",
@@ -337,12 +346,14 @@ async def test_a_one_megabyte_payload_is_refused_with_its_size(conn: asyncpg.Con
         asyncpg.CheckViolationError, match=r"payload is \d+ bytes, over the 262144 byte limit"
     ):
         await conn.fetchval(
-            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)", big
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)",
+            big,
         )
     # the limit is a setting an operator can raise per database or session
     await conn.execute("SET pgnotify.max_payload_bytes = 2000000")
     nid = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)", big
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)",
+        big,
     )
     assert nid is not None
 
@@ -356,7 +367,9 @@ async def test_nul_bytes_and_lone_surrogates_are_refused_by_postgres(
             "VALUES ('email', 'a@b.co', 'x', '{\"a\": \"\\u0000\"}')"
         )
     with pytest.raises(asyncpg.CharacterNotInRepertoireError):
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => $1)", "nul\x00byte")
+        await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => $1)", "nul\x00byte"
+        )
     with pytest.raises(asyncpg.InvalidTextRepresentationError, match="surrogate"):
         await conn.execute(
             "INSERT INTO pgnotify.notifications (channel, recipient, body, payload) "

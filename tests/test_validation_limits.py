@@ -103,9 +103,9 @@ async def test_times_at_the_edges_are_accepted_and_decode(conn: asyncpg.Connecti
     )
     rows = await conn.fetch("SELECT run_at, expires_at, status FROM pgnotify.notifications")
     assert len(rows) == 2  # asyncpg decoded every timestamp
-    assert (await conn.fetchval("SELECT status FROM pgnotify.notifications WHERE id = $1", nid)) == (
-        "scheduled"
-    )
+    assert (
+        await conn.fetchval("SELECT status FROM pgnotify.notifications WHERE id = $1", nid)
+    ) == ("scheduled")
 
 
 async def test_an_update_to_an_out_of_range_time_is_refused(conn: asyncpg.Connection) -> None:
@@ -343,7 +343,11 @@ NUMERIC_TARGETS = [
     ("http://[::ffff:169.254.169.254]/latest/meta-data/", "169.254.169.254", "cloud metadata"),
     ("http://[::ffff:a9fe:a9fe]/latest/meta-data/", "169.254.169.254", "cloud metadata"),
     ("http://[fd00:ec2::254]/latest/meta-data/", "fd00:ec2::254", "cloud metadata"),
-    ("http://１２７.０.０.１:18090/u", "127.0.0.1", "loopback"),
+    (
+        "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:18090/u",
+        "127.0.0.1",
+        "loopback",
+    ),  # full-width
     ("http://[::127.0.0.1]:18090/w", "127.0.0.1", "loopback"),
     ("http://[0:0:0:0:0:ffff:127.0.0.1]:18090/x", "127.0.0.1", "loopback"),
     ("http://[::1%25lo]:18090/zz", "::1", "loopback"),
@@ -360,7 +364,9 @@ NUMERIC_TARGETS = [
 async def test_numeric_webhook_hosts_in_blocked_ranges_are_refused(
     conn: asyncpg.Connection, url: str, address: str, reason: str
 ) -> None:
-    await conn.execute("SET pgnotify.webhook_allowed_networks = ''")  # the test database allows 127/8
+    await conn.execute(
+        "SET pgnotify.webhook_allowed_networks = ''"
+    )  # the test database allows 127/8
     await refused(
         conn,
         "SELECT pgnotify.enqueue('webhook', $1)",
@@ -430,7 +436,11 @@ async def test_allowed_networks_let_an_internal_receiver_in_but_never_metadata(
     for url in ("http://127.0.0.1:18090/a", "http://127.1/g", "http://10.1.2.3/m"):
         await conn.execute("SELECT pgnotify.enqueue('webhook', $1)", url)
     await refused(
-        conn, "SELECT pgnotify.enqueue('webhook', $1)", "recipient", "private", "http://192.168.0.1/"
+        conn,
+        "SELECT pgnotify.enqueue('webhook', $1)",
+        "recipient",
+        "private",
+        "http://192.168.0.1/",
     )
     await conn.execute("SET pgnotify.webhook_allowed_networks = '0.0.0.0/0'")
     await refused(

@@ -77,7 +77,18 @@ async def test_enqueue_reports_the_database_error_clearly(dsn: str) -> None:
     assert bad.returncode == 1
     assert "pgnotify: recipient is not a valid email address" in bad.stderr
     assert "hint: expected local@domain.tld" in bad.stderr
-    nul = cli("enqueue", "--channel", "email", "--to", "a@b.co", "--body", "a\x01b", env=env)
+    nul = cli(
+        "enqueue",
+        "--channel",
+        "email",
+        "--to",
+        "a@b.co",
+        "--subject",
+        "Hi",
+        "--body",
+        "a\x01b",
+        env=env,
+    )
     assert nul.returncode == 0  # control characters in a body are content, not an error
     payload = cli(
         "enqueue",

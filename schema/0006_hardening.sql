@@ -315,10 +315,36 @@ BEGIN
             'one of email, sms, push, webhook, inapp');
     END IF;
 
-    IF length(NEW.user_id) > 256 THEN
-        PERFORM pgnotify.reject('user_id', format('user_id is %s characters, over the 256 limit',
-            length(NEW.user_id)));
+    -- Sizes first (one expression on the path of a row that fits), so no regex below ever runs
+    -- on an oversized value.
+    IF length(NEW.user_id) > 256 OR octet_length(NEW.recipient) > 16384
+            OR length(NEW.template) > 255 OR length(NEW.subject) > 998
+            OR octet_length(NEW.body) > 262144 OR octet_length(NEW.html_body) > 1048576
+            OR length(NEW.locale) > 35 THEN
+        IF length(NEW.user_id) > 256 THEN
+            PERFORM pgnotify.reject('user_id', format('user_id is %s characters, over the 256 limit',
+                length(NEW.user_id)));
+        ELSIF octet_length(NEW.recipient) > 16384 THEN
+            PERFORM pgnotify.reject('recipient', format('recipient is %s bytes, over the 16384 limit',
+                octet_length(NEW.recipient)));
+        ELSIF length(NEW.template) > 255 THEN
+            PERFORM pgnotify.reject('template', 'template is longer than 255 characters');
+        ELSIF length(NEW.subject) > 998 THEN
+            PERFORM pgnotify.reject('subject', format('subject is %s characters, over the 998 limit',
+                length(NEW.subject)), 'RFC 5322 limits a header line to 998 characters');
+        ELSIF octet_length(NEW.body) > 262144 THEN
+            PERFORM pgnotify.reject('body', format('body is %s bytes, over the 262144 byte limit',
+                octet_length(NEW.body)), 'send ids in the payload and link to the rest');
+        ELSIF octet_length(NEW.html_body) > 1048576 THEN
+            PERFORM pgnotify.reject('html_body', format(
+                'html_body is %s bytes, over the 1048576 byte limit', octet_length(NEW.html_body)),
+                'link to large content instead of inlining it');
+        ELSE
+            PERFORM pgnotify.reject('locale', 'locale is longer than 35 characters',
+                'like en, fr, fr-CA, pt_BR');
+        END IF;
     END IF;
+
     IF NEW.recipient IS NULL AND NEW.channel = 'inapp' THEN
         NEW.recipient := NEW.user_id;  -- an in-app message goes to its user
     END IF;
@@ -331,10 +357,6 @@ BEGIN
                 WHEN 'webhook' THEN 'an http(s) URL'
                 ELSE 'a user id (or set user_id)' END);
     END IF;
-    IF octet_length(NEW.recipient) > 16384 THEN
-        PERFORM pgnotify.reject('recipient', format('recipient is %s bytes, over the 16384 limit',
-            octet_length(NEW.recipient)));
-    END IF;
     IF NEW.recipient ~ '[[:cntrl:]]' THEN
         PERFORM pgnotify.reject('recipient', 'recipient must not contain control characters');
     END IF;
@@ -343,12 +365,8 @@ BEGIN
         PERFORM pgnotify.reject('recipient', 'recipient is not a valid email address',
             'expected local@domain.tld, without a display name');
     ELSIF NEW.channel = 'sms' THEN
-        IF length(NEW.recipient) > 32 OR NEW.recipient !~ '^\+?[0-9() .-]{4,32}$' THEN
-            PERFORM pgnotify.reject('recipient', 'recipient is not a valid phone number',
-                'expected E.164 like +14155550123 (a national number uses the worker''s default region)');
-        END IF;
         digits := translate(NEW.recipient, '+() .-', '');
-        IF length(digits) NOT BETWEEN 4 AND 15 THEN
+        IF NEW.recipient !~ '^\+?[0-9() .-]{4,32}$' OR length(digits) NOT BETWEEN 4 AND 15 THEN
             PERFORM pgnotify.reject('recipient', 'recipient is not a valid phone number',
                 'expected E.164 like +14155550123 (a national number uses the worker''s default region)');
         ELSIF left(NEW.recipient, 1) = '+' AND (length(digits) < 7
@@ -358,27 +376,35 @@ BEGIN
                 CASE WHEN length(digits) < 7 THEN 'fewer than 7 digits'
                      ELSE 'no country calling code ' || left(digits, 3) || ' is assigned' END),
                 'expected + then country code and number, 7 to 15 digits, like +14155550123');
+        ELSIF octet_length(NEW.body) > 1600 AND length(NEW.body) > 1600 THEN
+            PERFORM pgnotify.reject('body', format(
+                'body is %s characters, over the 1600 an SMS can carry', length(NEW.body)),
+                'Twilio refuses longer messages');
         END IF;
-    ELSIF NEW.channel = 'push' AND (length(NEW.recipient) > 4096 OR NEW.recipient ~ '[[:space:]]') THEN
+    ELSIF NEW.channel = 'push' AND (length(NEW.recipient) > 4096 OR NEW.recipient ~ '[[:space:]]'
+            OR octet_length(NEW.body) > 4096) THEN
+        IF octet_length(NEW.body) > 4096 THEN
+            PERFORM pgnotify.reject('body', format(
+                'body is %s bytes, over the 4096 a push message can carry', octet_length(NEW.body)),
+                'FCM refuses larger messages');
+        END IF;
         PERFORM pgnotify.reject('recipient', 'recipient is not a valid device token or user id');
     ELSIF NEW.channel = 'webhook' THEN
+        host := substring(NEW.recipient from '^[^:]+://([^/?#]*)');
         IF length(NEW.recipient) > 2048 OR NEW.recipient !~* '^https?://[^/?#[:space:]]+([/?#][^[:space:]]*)?$' THEN
             PERFORM pgnotify.reject('recipient', 'recipient is not a valid http(s) URL',
                 'expected https://host[:port]/path');
-        END IF;
-        host := substring(NEW.recipient from '^[^:]+://([^/?#]*)');
-        IF host LIKE '%@%' THEN
+        ELSIF host LIKE '%@%' THEN
             PERFORM pgnotify.reject('recipient', 'webhook URL must not carry credentials (user@host)',
                 'the worker signs each request; put no secrets in the URL');
         ELSIF NEW.recipient ~* '^https?://(169\.254\.[0-9.]+|\[?fd00:ec2::254\]?|metadata\.google\.internal)([:/?#]|$)' THEN
             PERFORM pgnotify.reject('recipient',
                 'webhook URL points at a cloud metadata address, which is never allowed');
-        END IF;
-        -- a host written as a number: only hosts that start like one reach webhook_address()
-        host := CASE WHEN left(host, 1) = '[' THEN substring(host from '^(\[[^]]*\])')
-                     ELSE split_part(host, ':', 1) END;
-        IF left(host, 1) BETWEEN '0' AND '9' OR left(host, 1) = '['
+        ELSIF left(host, 1) BETWEEN '0' AND '9' OR left(host, 1) = '['
                 OR octet_length(host) <> length(host) THEN
+            -- a host written as a number (only such hosts get here): without the port
+            host := CASE WHEN left(host, 1) = '[' THEN substring(host from '^(\[[^]]*\])')
+                         ELSE split_part(host, ':', 1) END;
             addr := pgnotify.webhook_address(host);
             reason := pgnotify.blocked_address_reason(addr);
             IF reason = 'cloud metadata' THEN
@@ -398,49 +424,25 @@ BEGIN
         PERFORM pgnotify.reject('recipient', 'recipient (user id) is longer than 256 characters');
     END IF;
 
-    IF NEW.template IS NULL AND NEW.body IS NULL AND NEW.html_body IS NULL
-            AND NEW.channel NOT IN ('webhook', 'inapp') THEN
-        PERFORM pgnotify.reject('template', format('a %s notification needs a template or a body',
-            NEW.channel), 'set template => ''key'' (a row in pgnotify.templates) or body => ''...''');
-    END IF;
-    IF length(NEW.template) > 255 THEN
-        PERFORM pgnotify.reject('template', 'template is longer than 255 characters');
+    -- one expression for a row that has what its channel needs
+    IF NEW.template IS NULL AND (NEW.channel = 'email' AND NEW.subject IS NULL
+            OR NEW.body IS NULL AND NEW.html_body IS NULL AND NEW.channel NOT IN ('webhook', 'inapp')) THEN
+        IF NEW.body IS NULL AND NEW.html_body IS NULL AND NEW.channel NOT IN ('webhook', 'inapp') THEN
+            PERFORM pgnotify.reject('template', format('a %s notification needs a template or a body',
+                NEW.channel), 'set template => ''key'' (a row in pgnotify.templates) or body => ''...''');
+        END IF;
+        PERFORM pgnotify.reject('subject', 'an email needs a subject (or a template that has one)',
+            'set subject => ''...'' or template => ''key''');
     END IF;
     IF NEW.template IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM pgnotify.templates t WHERE t.key = NEW.template AND t.channel = NEW.channel) THEN
         PERFORM pgnotify.reject('template', format('unknown template %L for channel %s',
             left(NEW.template, 100), NEW.channel), 'insert it into pgnotify.templates first');
     END IF;
-    IF NEW.channel = 'email' AND NEW.subject IS NULL AND NEW.template IS NULL THEN
-        PERFORM pgnotify.reject('subject', 'an email needs a subject (or a template that has one)',
-            'set subject => ''...'' or template => ''key''');
-    END IF;
-    IF length(NEW.subject) > 998 THEN
-        PERFORM pgnotify.reject('subject', format('subject is %s characters, over the 998 limit',
-            length(NEW.subject)), 'RFC 5322 limits a header line to 998 characters');
-    END IF;
     IF NEW.subject ~ '[\r\n]' THEN
         PERFORM pgnotify.reject('subject', 'subject must not contain line breaks');
     END IF;
-    IF octet_length(NEW.body) > 262144 THEN
-        PERFORM pgnotify.reject('body', format('body is %s bytes, over the 262144 byte limit',
-            octet_length(NEW.body)), 'send ids in the payload and link to the rest');
-    ELSIF NEW.channel = 'sms' AND octet_length(NEW.body) > 1600 AND length(NEW.body) > 1600 THEN
-        PERFORM pgnotify.reject('body', format(
-            'body is %s characters, over the 1600 an SMS can carry', length(NEW.body)),
-            'Twilio refuses longer messages');
-    ELSIF NEW.channel = 'push' AND octet_length(NEW.body) > 4096 THEN
-        PERFORM pgnotify.reject('body', format(
-            'body is %s bytes, over the 4096 a push message can carry', octet_length(NEW.body)),
-            'FCM refuses larger messages');
-    END IF;
-    IF octet_length(NEW.html_body) > 1048576 THEN
-        PERFORM pgnotify.reject('html_body', format('html_body is %s bytes, over the 1048576 byte limit',
-            octet_length(NEW.html_body)), 'link to large content instead of inlining it');
-    END IF;
-    IF length(NEW.locale) > 35 THEN
-        PERFORM pgnotify.reject('locale', 'locale is longer than 35 characters', 'like en, fr, fr-CA, pt_BR');
-    ELSIF NEW.locale IS NOT NULL AND NEW.locale !~ '^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$' THEN
+    IF NEW.locale IS NOT NULL AND NEW.locale !~ '^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$' THEN
         PERFORM pgnotify.reject('locale', format('locale %L is not a language tag', left(NEW.locale, 40)),
             'like en, fr, fr-CA, pt_BR');
     END IF;

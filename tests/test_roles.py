@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from pgnotify_worker import SCHEMA_VERSION
+from pgnotify_worker.adapters import migrate
 from tests import conftest
 from tests.conftest import WebhookSink, running, wait_rows
 
@@ -292,4 +294,65 @@ async def test_an_admin_reads_everything_and_retries(
         await denied(admin, "DROP TABLE pgnotify.events")
         await denied(admin, "TRUNCATE pgnotify.events")
     finally:
+        await admin.close()
+
+
+GROUPS = ("pgnotify_producer", "pgnotify_worker", "pgnotify_admin")
+
+
+async def test_a_migration_without_createrole_skips_the_roles_with_a_notice(
+    pg_server: conftest.PgServer, empty_dsn: str
+) -> None:
+    """A schema owner without CREATEROLE migrates fine: the missing roles are a NOTICE, PUBLIC
+    loses its rights anyway, and apply_grants() grants the roles once they exist. (The group
+    roles already exist in the test cluster, so they are renamed away for the test.)"""
+    suffix = uuid.uuid4().hex[:8]
+    owner, password = f"pgn_owner_{suffix}", secrets.token_hex(16)
+    database = urlsplit(empty_dsn).path.lstrip("/")
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    renamed: list[str] = []
+    conn: asyncpg.Connection | None = None
+    try:
+        await admin.execute(f"CREATE ROLE {owner} LOGIN NOCREATEROLE PASSWORD '{password}'")
+        await admin.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
+        for group in GROUPS:
+            await admin.execute(f"ALTER ROLE {group} RENAME TO {group}_{suffix}")
+            renamed.append(group)
+        parts = urlsplit(empty_dsn)
+        owner_dsn = urlunsplit(
+            parts._replace(netloc=f"{owner}:{password}@{parts.hostname}:{parts.port}")
+        )
+        conn = await asyncpg.connect(owner_dsn)
+        notices: list[str] = []
+        conn.add_log_listener(lambda _c, m: notices.append(str(getattr(m, "message", m))))
+        applied = await migrate.migrate(conn)
+        assert applied == list(range(1, SCHEMA_VERSION + 1))
+        assert any("cannot create role pgnotify_producer" in n for n in notices), notices
+        assert any("do not exist, so nothing is granted" in n for n in notices), notices
+        public = await conn.fetchval(
+            "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, "
+            "acldefault('f', p.proowner))) a "
+            "WHERE p.pronamespace = 'pgnotify'::regnamespace AND a.grantee = 0"
+        )
+        assert public == 0
+        for group in renamed:  # an admin creates (here: brings back) the roles ...
+            await admin.execute(f"ALTER ROLE {group}_{suffix} RENAME TO {group}")
+        renamed.clear()
+        await conn.execute("SELECT pgnotify.apply_grants()")  # ... and the owner grants them
+        assert await conn.fetchval(
+            "SELECT has_function_privilege('pgnotify_producer', "
+            "'pgnotify.cancel(bigint)', 'EXECUTE')"
+        )
+    finally:
+        if conn is not None:
+            await conn.close()
+        for group in renamed:
+            await admin.execute(f"ALTER ROLE {group}_{suffix} RENAME TO {group}")
+        cleanup = await asyncpg.connect(empty_dsn)
+        try:
+            await cleanup.execute(f"REASSIGN OWNED BY {owner} TO CURRENT_USER")
+            await cleanup.execute(f"DROP OWNED BY {owner}")
+        finally:
+            await cleanup.close()
+        await admin.execute(f"DROP ROLE IF EXISTS {owner}")
         await admin.close()

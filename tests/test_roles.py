@@ -356,3 +356,75 @@ async def test_a_migration_without_createrole_skips_the_roles_with_a_notice(
             await cleanup.close()
         await admin.execute(f"DROP ROLE IF EXISTS {owner}")
         await admin.close()
+
+
+async def test_the_worker_role_may_run_every_worker_query(
+    conn: asyncpg.Connection, login_as: LoginAs
+) -> None:
+    """Every statement of adapters/queries.py, as pgnotify_worker (CANCEL and RETRY are the CLI's
+    admin commands). A new query must be added here, which proves its grants."""
+    import datetime
+
+    from pgnotify_worker.adapters import queries
+
+    nid = await conn.fetchval(
+        "SELECT pgnotify.enqueue('email', 'ada@example.com', subject => 'Hi', body => 'x', "
+        "user_id => 'ada', category => 'billing')"
+    )
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    arrays = ([nid], [1], ["sent"], ["sent"], [0.0], [None], [None], ["webhook"], [None])
+    args: dict[str, tuple[object, ...]] = {
+        "CLAIM": ("email", 10, "w", 30.0),
+        "COMPLETE": ("w", *arrays, [1.0], [None], [0], [None]),
+        "HEARTBEAT": ("w", [nid], [1], 30.0),
+        "RELEASE": ("w", [nid], [1]),
+        "REAP": (10,),
+        "PROMOTE": (10,),
+        "NEXT_DUE": (),
+        "TEMPLATE": ("welcome", "email", [""]),
+        "INBOX_DELIVER": (nid, "ada", None, "Hi", "x", "{}"),
+        "QUEUE_STATUS": (),
+        "PING": ("pgnotify_test", "x"),
+        "ALIVE": (),
+        "SCHEMA_VERSION": (),
+        "ENQUEUE": (
+            "webhook",
+            "https://example.com/h",
+            None,
+            "{}",
+            *[None] * 6,
+            0,
+            None,
+            None,
+            None,
+        ),
+        "RECENT_ERRORS": (10,),
+        "DEVICES_OF": ("ada",),
+        "DEACTIVATE_DEVICE": ("tok-1", "unregistered"),
+        "SUPPRESS": ("email", "ada@example.com", "hard_bounce", "resend", None),
+        "NOTE": (nid, "device_sent", 1, "w", "fcm", None, None, None),
+        "PROVIDER_EVENT": ("resend", nid, None, "delivered", None, None, None, "ext-1"),
+        "SEND_FACTS": ([nid], ["ada@example.com"]),
+        "JOB_CLAIM": (),
+        "JOB_START": ("retention", soon, soon, "w"),
+        "JOB_FINISH": (1, "succeeded", 0, None),
+        "JOBS_UNSCHEDULED": (),
+        "JOB_SCHEDULE": ("retention", soon),
+        "JOB_DISABLE": ("no-such-job", "disabled: test"),
+        "JOBS_NEXT_DUE": (),
+        "JOB_COMMAND": ("digest_daily", "SELECT pgnotify.build_digests('daily')"),
+        "JOBS_STATUS": (),
+        "OPT_OUT": ("ada", "*"),
+    }
+    assert set(args) == set(queries.ALL) - {"CANCEL", "RETRY"}
+    worker = await asyncpg.connect(await login_as("pgnotify_worker"))
+    try:
+        async with worker.transaction():
+            for name, values in args.items():
+                try:
+                    await worker.fetch(queries.ALL[name], *values)
+                except asyncpg.PostgresError as exc:  # pragma: no cover - says which
+                    pytest.fail(f"worker role cannot run {name}: {exc}")
+        await denied(worker, queries.CANCEL, nid)
+    finally:
+        await worker.close()

@@ -93,6 +93,31 @@ CREATE TRIGGER notifications_times
           OR NEW.expires_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years')
     EXECUTE FUNCTION pgnotify.reject_timestamps('run_at', 'expires_at');
 
+-- Rows stored before this migration with such a time were never sendable: a claim of one could
+-- not be decoded (and stalled the worker), or it waited for ever. They fail now, with the reason;
+-- their times are brought into range so every reader can decode them. One pass over the table.
+WITH bad AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'failed', locked_by = NULL, locked_until = NULL, updated_at = now(),
+        last_error = format('pgnotify migration 6: %s was out of range (before 2000-01-01, more '
+            'than 10 years ahead, or infinite), so the row could never be sent',
+            concat_ws(' and ',
+                CASE WHEN n.run_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years'
+                     THEN 'run_at' END,
+                CASE WHEN n.expires_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years'
+                     THEN 'expires_at' END)),
+        run_at = CASE WHEN n.run_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years'
+                      THEN now() ELSE n.run_at END,
+        expires_at = CASE WHEN n.expires_at BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years'
+                          THEN n.expires_at END
+    WHERE n.status IN ('queued', 'scheduled', 'processing', 'held')
+      AND (n.run_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years'
+           OR n.expires_at NOT BETWEEN '2000-01-01 00:00:00+00' AND now() + interval '10 years')
+    RETURNING n.id, n.attempts, n.last_error
+)
+INSERT INTO pgnotify.events (notification_id, event, attempt, error_code, error)
+SELECT id, 'failed', attempts, 'time_out_of_range', last_error FROM bad;
+
 CREATE TRIGGER contacts_times
     BEFORE INSERT OR UPDATE OF unsubscribed_at ON pgnotify.contacts
     FOR EACH ROW

@@ -451,3 +451,37 @@ async def test_allowed_networks_let_an_internal_receiver_in_but_never_metadata(
         "http://2852039166/latest/meta-data/",
     )
     assert await conn.fetchval("SELECT count(*) FROM pgnotify.notifications") == 3
+
+
+async def test_the_migration_fails_pending_rows_with_out_of_range_times(empty_dsn: str) -> None:
+    from pgnotify_worker.adapters import migrate
+
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await migrate.migrate(conn, migrate.load_migrations()[:5])
+        await conn.execute(
+            "INSERT INTO pgnotify.notifications (channel, recipient, body, run_at, expires_at) "
+            "VALUES ('sms', '+14155550123', 'bc', '4713-01-01 BC', NULL), "
+            "       ('sms', '+14155550123', 'far', '294276-12-31', NULL), "
+            "       ('sms', '+14155550123', 'exp', now(), '10000-01-01'), "
+            "       ('sms', '+14155550123', 'ok', now(), now() + interval '1 day')"
+        )
+        await migrate.migrate(conn)
+        rows = await conn.fetch(
+            "SELECT body, status, last_error, expires_at IS NULL AS no_expiry "
+            "FROM pgnotify.notifications ORDER BY id"
+        )  # every time decodes now
+        assert [(r["body"], r["status"]) for r in rows] == [
+            ("bc", "failed"),
+            ("far", "failed"),
+            ("exp", "failed"),
+            ("ok", "queued"),
+        ]
+        assert "run_at was out of range" in rows[0]["last_error"]
+        assert "expires_at was out of range" in rows[2]["last_error"] and rows[2]["no_expiry"]
+        events = await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.events WHERE error_code = 'time_out_of_range'"
+        )
+        assert events == 3
+    finally:
+        await conn.close()

@@ -290,6 +290,33 @@ $fn$;
 COMMENT ON FUNCTION pgnotify.blocked_address_reason IS
     'Why a webhook may not target this address (loopback, private, cloud metadata, ...), or NULL.';
 
+-- Why a webhook URL may not be a target when its host is written as a number (NULL: it may, or
+-- the host is a name). pgnotify.webhook_allowed_networks (CIDRs, comma-separated; the worker's
+-- PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS) lets a network in; cloud metadata never.
+CREATE FUNCTION pgnotify.webhook_host_refusal(url text) RETURNS text
+LANGUAGE plpgsql STABLE STRICT AS $fn$
+DECLARE
+    host text := substring(url from '^[^:]+://([^/?#]*)');
+    addr inet;
+    reason text;
+BEGIN
+    host := CASE WHEN left(host, 1) = '[' THEN substring(host from '^(\[[^]]*\])')
+                 ELSE split_part(host, ':', 1) END;  -- without the port
+    addr := pgnotify.webhook_address(host);
+    reason := pgnotify.blocked_address_reason(addr);
+    IF reason = 'cloud metadata' THEN
+        RETURN format('webhook URL points at a cloud metadata address (%s), which is never allowed',
+            host(addr));
+    ELSIF reason IS NULL OR coalesce(addr <<= ANY (string_to_array(replace(nullif(current_setting(
+            'pgnotify.webhook_allowed_networks', true), ''), ' ', ''), ',')::cidr[]), false) THEN
+        RETURN NULL;
+    END IF;
+    RETURN format('webhook URL points at a %s address (%s)', reason, host(addr));
+END
+$fn$;
+COMMENT ON FUNCTION pgnotify.webhook_host_refusal IS
+    'Why a webhook URL whose host is an IP address may not be a target, or NULL.';
+
 -------------------------------------------------------------------------------------------------
 -- 2c. validate_notification(), as in 0001 plus the limits below. Every limit is what a provider
 -- accepts, or a generous bound where none does; byte limits use octet_length() (constant time,
@@ -315,7 +342,6 @@ DECLARE
     payload_size integer;
     digits text;
     host text;
-    addr inet;
     reason text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -427,22 +453,13 @@ BEGIN
                 'webhook URL points at a cloud metadata address, which is never allowed');
         ELSIF left(host, 1) BETWEEN '0' AND '9' OR left(host, 1) = '['
                 OR octet_length(host) <> length(host) THEN
-            -- a host written as a number (only such hosts get here): without the port
-            host := CASE WHEN left(host, 1) = '[' THEN substring(host from '^(\[[^]]*\])')
-                         ELSE split_part(host, ':', 1) END;
-            addr := pgnotify.webhook_address(host);
-            reason := pgnotify.blocked_address_reason(addr);
-            IF reason = 'cloud metadata' THEN
-                PERFORM pgnotify.reject('recipient', format(
-                    'webhook URL points at a cloud metadata address (%s), which is never allowed',
-                    host(addr)));
-            ELSIF reason IS NOT NULL AND NOT coalesce(addr <<= ANY (string_to_array(replace(nullif(
-                    current_setting('pgnotify.webhook_allowed_networks', true), ''), ' ', ''), ',')::cidr[]),
-                    false) THEN
-                PERFORM pgnotify.reject('recipient', format(
-                    'webhook URL points at a %s address (%s)', reason, host(addr)),
+            -- a host written as a number (only such hosts pay for the function call)
+            reason := pgnotify.webhook_host_refusal(NEW.recipient);
+            IF reason IS NOT NULL THEN
+                PERFORM pgnotify.reject('recipient', reason, CASE WHEN reason NOT LIKE '%metadata%' THEN
                     'to deliver to an internal receiver, allow its network in the setting '
-                    'pgnotify.webhook_allowed_networks (as in the worker''s PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS)');
+                    'pgnotify.webhook_allowed_networks (as in the worker''s PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS)'
+                    END);
             END IF;
         END IF;
     ELSIF NEW.channel = 'inapp' AND length(NEW.recipient) > 256 THEN
@@ -502,6 +519,53 @@ BEGIN
     END IF;
     IF TG_OP = 'INSERT' THEN
         NEW.status := CASE WHEN NEW.run_at > now() THEN 'scheduled' ELSE 'queued' END;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+-- validate_contact(), as in 0003, plus what notify_user() would otherwise fail on later: an email
+-- over 254 characters, a + number without an assigned country code, a webhook URL to a blocked
+-- address written as a number.
+CREATE OR REPLACE FUNCTION pgnotify.validate_contact() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    digits text;
+    reason text;
+BEGIN
+    NEW.updated_at := now();
+    IF NEW.email IS NOT NULL AND (length(NEW.email) > 254 OR NEW.email !~
+            '^[^[:space:]@"(),:;<>\[\\\]]+@[^[:space:]@"(),:;<>\[\\\].]+(\.[^[:space:]@"(),:;<>\[\\\].]+)+$') THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'email', TABLE = 'contacts',
+            MESSAGE = 'pgnotify: contact email is not a valid email address';
+    END IF;
+    IF NEW.phone IS NOT NULL THEN
+        digits := translate(NEW.phone, '+() .-', '');
+        IF NEW.phone !~ '^\+?[0-9() .-]{4,32}$' OR length(digits) NOT BETWEEN 4 AND 15 THEN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'phone', TABLE = 'contacts',
+                MESSAGE = 'pgnotify: contact phone is not a phone number';
+        ELSIF left(NEW.phone, 1) = '+' AND (length(digits) < 7
+                OR pgnotify.e164_country_code_length(digits) = 0) THEN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'phone', TABLE = 'contacts',
+                MESSAGE = 'pgnotify: contact phone is not a valid E.164 phone number',
+                HINT = 'expected + then country code and number, 7 to 15 digits, like +14155550123';
+        END IF;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = NEW.timezone) THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'timezone', TABLE = 'contacts',
+            MESSAGE = format('pgnotify: unknown time zone %L', left(NEW.timezone, 60)),
+            HINT = 'an IANA name such as Europe/Paris or America/New_York';
+    END IF;
+    IF NEW.webhook_url IS NOT NULL THEN
+        IF length(NEW.webhook_url) > 2048 OR NEW.webhook_url !~* '^https?://[^/?#[:space:]@]+' THEN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'webhook_url',
+                TABLE = 'contacts', MESSAGE = 'pgnotify: contact webhook_url is not an http(s) URL';
+        END IF;
+        reason := pgnotify.webhook_host_refusal(NEW.webhook_url);
+        IF reason IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation', COLUMN = 'webhook_url',
+                TABLE = 'contacts', MESSAGE = 'pgnotify: contact ' || reason;
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -617,7 +681,7 @@ DECLARE
         'pgnotify_admin']) r WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r));
     helpers text := 'pgnotify.reject(text, text, text), pgnotify.reject_in(text, text, text, text), '
         'pgnotify.e164_country_code_length(text), pgnotify.webhook_address(text), '
-        'pgnotify.blocked_address_reason(inet)';
+        'pgnotify.blocked_address_reason(inet), pgnotify.webhook_host_refusal(text)';
 BEGIN
     -- Nothing in the schema is executable by PUBLIC (PostgreSQL grants it on every new function).
     REVOKE ALL ON ALL ROUTINES IN SCHEMA pgnotify FROM PUBLIC;

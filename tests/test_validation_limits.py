@@ -485,3 +485,24 @@ async def test_the_migration_fails_pending_rows_with_out_of_range_times(empty_ds
         assert events == 3
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("phone", "+999999999999999", "not a valid E.164 phone number"),
+        ("email", "a" * 250 + "@b.co", "not a valid email address"),
+        ("webhook_url", "http://0xa9fea9fe/latest/meta-data/", "cloud metadata"),
+        ("webhook_url", "http://10.1.2.3/hook", "a private address"),
+    ],
+)
+async def test_contacts_refuse_what_notify_user_could_not_send(
+    conn: asyncpg.Connection, column: str, value: str, message: str
+) -> None:
+    await conn.execute("SET pgnotify.webhook_allowed_networks = ''")
+    with pytest.raises(asyncpg.CheckViolationError, match=message) as caught:
+        await conn.execute(
+            f"INSERT INTO pgnotify.contacts (user_id, {column}) VALUES ('ada', $1)", value
+        )
+    assert (caught.value.table_name, caught.value.column_name) == ("contacts", column)
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.contacts") == 0

@@ -292,6 +292,10 @@ async def bench(
     name = f"pgnotify_bench_{os.getpid()}"
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
+    # the INSERT check refuses loopback webhook URLs unless allowed: the sink is on 127.0.0.1
+    await admin.execute(
+        f"ALTER DATABASE \"{name}\" SET pgnotify.webhook_allowed_networks = '127.0.0.0/8'"
+    )
     version = await admin.fetchval("SHOW server_version")
     bench_dsn = f"{base}/{name}"
     sink_port, http_port = free_port(), free_port()

@@ -56,7 +56,10 @@ $fn$;
 COMMENT ON FUNCTION pgnotify.requeue_expired_leases IS
     'The lease reaper as SQL: rows requeued or killed (see reap_expired_leases).';
 
--- the new function gets the same grants as the rest (no PUBLIC execute; the worker and admins)
+-- the new function gets the grants of the rest: the worker and admins, not PUBLIC
+IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgnotify_worker') THEN
+    GRANT EXECUTE ON FUNCTION pgnotify.reap_expired_leases(integer) TO pgnotify_worker;
+END IF;
 PERFORM pgnotify.apply_grants();
 
 INSERT INTO pgnotify.schema_migrations (version, name) VALUES (7, 'reaper');

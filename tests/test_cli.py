@@ -40,7 +40,9 @@ async def test_migrate_enqueue_status_cancel_retry(empty_dsn: str) -> None:
 
     conn = await asyncpg.connect(empty_dsn)
     try:
-        other = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")
+        other = await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+        )
         await conn.execute("UPDATE pgnotify.notifications SET status = 'dead' WHERE id = $1", other)
         assert cli("retry", str(other), env=env).returncode == 0
         assert (
@@ -57,7 +59,18 @@ async def test_enqueue_reports_the_database_error_clearly(dsn: str) -> None:
     assert bad.returncode == 1
     assert "pgnotify: recipient is not a valid email address" in bad.stderr
     assert "hint: expected local@domain.tld" in bad.stderr
-    nul = cli("enqueue", "--channel", "email", "--to", "a@b.co", "--body", "a\x01b", env=env)
+    nul = cli(
+        "enqueue",
+        "--channel",
+        "email",
+        "--to",
+        "a@b.co",
+        "--subject",
+        "Hi",
+        "--body",
+        "a\x01b",
+        env=env,
+    )
     assert nul.returncode == 0  # control characters in a body are content, not an error
     payload = cli(
         "enqueue",

@@ -51,7 +51,7 @@ async def test_the_refresh_reports_a_pinned_snapshot(
     metrics.database(await QueueStore(pool, "w-1").database_health())
     assert metrics.oldest_transaction._value.get() > 0
     # an xid assigned after the snapshot was taken ages it
-    await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")
+    await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', subject => 's', body => 'x')")
     metrics.database(await QueueStore(pool, "w-1").database_health())
     assert metrics.oldest_xmin._value.get() >= 1
     text = metrics.render().decode()
@@ -70,7 +70,7 @@ async def test_dead_rows_of_the_queue_tables_are_counted(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
     await conn.execute(
-        "SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x') FROM generate_series(1, 20)"
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 's', body => 'x') FROM generate_series(1, 20)"
     )
     await conn.execute("DELETE FROM pgnotify.notifications")
     if conn.get_server_version().major >= 15:  # else the idle backend reports them within ~10 s
@@ -115,7 +115,9 @@ async def test_what_a_role_without_pg_read_all_stats_sees(
     role = f"watcher_{uuid.uuid4().hex[:8]}"
     await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'w'")
     try:
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")  # an xid
+        await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 's', body => 'x')"
+        )  # an xid
         for granted in (False, True):
             if granted:
                 await conn.execute(f"GRANT pg_read_all_stats TO {role}")

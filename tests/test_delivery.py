@@ -226,6 +226,8 @@ async def test_ssrf_targets_are_refused_without_a_connection(
     reason: str,
 ) -> None:
     port = webhook_sink.url.rsplit(":", 1)[1]
+    # past the INSERT check (which refuses numeric private hosts): this is the send-time guard
+    await conn.execute("SET pgnotify.webhook_allowed_networks = '0.0.0.0/0'")
     nid = await enqueue_webhook(conn, f"http://{host}:{port}/hook")
     async with running(worker_settings(webhook_allowed_networks="")) as service:
         rows = await wait_rows(conn, [nid], DONE, service)
@@ -454,7 +456,9 @@ async def test_template_problems_fail_permanently_with_the_reason(
         "{% if %}": "syntax error",
     }
     ids = [
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'ada@example.com', body => $1)", body)
+        await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'ada@example.com', subject => 'Hi', body => $1)", body
+        )
         for body in cases
     ]
     settings = worker_settings(email_providers="file", file_sink_path=str(tmp_path / "o.jsonl"))
@@ -584,7 +588,7 @@ async def test_no_secret_or_address_in_logs_status_or_metrics(
     webhook_sink.responder = lambda r, n: web.Response(status=500, text="ada.lovelace@example.com")
     await enqueue_webhook(conn, webhook_sink.url + "/ada.lovelace@example.com", max_attempts=2)
     await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'ada.lovelace@example.com', body => 'Hi {{ missing }}')"
+        "SELECT pgnotify.enqueue('email', 'ada.lovelace@example.com', subject => 'Hi', body => 'Hi {{ missing }}')"
     )
     await conn.fetchval("SELECT pgnotify.enqueue('sms', '+14155550123', body => '{{ 1/0 }}')")
     settings = worker_settings(database_url=secret_dsn)

@@ -67,7 +67,7 @@ async def test_notify_user_creates_one_row_per_reachable_channel(conn: asyncpg.C
     await conn.execute("SELECT pgnotify.register_device('ada', 'android', 'fcm-token-1')")
     await conn.execute("SELECT pgnotify.set_preference('ada', 'off', 'sms', 'billing')")
     ids = await conn.fetchval(
-        "SELECT pgnotify.notify_user('ada', 'billing', body => 'Invoice {{ n }}', payload => '{\"n\": 7}')"
+        "SELECT pgnotify.notify_user('ada', 'billing', subject => 'Invoice', body => 'Invoice {{ n }}', payload => '{\"n\": 7}')"
     )
     rows = await conn.fetch(
         "SELECT * FROM pgnotify.notifications WHERE id = ANY($1) ORDER BY channel", ids
@@ -139,7 +139,7 @@ async def test_a_preference_changed_after_enqueue_still_holds(
         "INSERT INTO pgnotify.contacts (user_id, email) VALUES ('eve', 'eve@example.com')"
     )
     ids = await conn.fetchval(
-        "SELECT pgnotify.notify_user('eve', 'billing', body => 'x', channels => '{email}')"
+        "SELECT pgnotify.notify_user('eve', 'billing', subject => 'Hi', body => 'x', channels => '{email}')"
     )
     await conn.execute("SELECT pgnotify.set_preference('eve', 'off', '*', 'billing')")
     async with running(sink_settings()) as service:
@@ -157,10 +157,10 @@ async def test_critical_categories_bypass_opt_outs_but_not_suppression(
     )
     await conn.execute("SELECT pgnotify.set_preference('joe', 'off')")
     reset = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'joe@example.com', body => 'Your code is 4711', user_id => 'joe', category => 'security')"
+        "SELECT pgnotify.enqueue('email', 'joe@example.com', subject => 'Hi', body => 'Your code is 4711', user_id => 'joe', category => 'security')"
     )
     news = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'joe@example.com', body => 'news', user_id => 'joe', category => 'billing')"
+        "SELECT pgnotify.enqueue('email', 'joe@example.com', subject => 'Hi', body => 'news', user_id => 'joe', category => 'billing')"
     )
     settings = sink_settings()
     async with running(settings) as service:
@@ -169,7 +169,7 @@ async def test_critical_categories_bypass_opt_outs_but_not_suppression(
             "INSERT INTO pgnotify.suppressions (channel, address, reason, source) VALUES ('email', 'joe@example.com', 'hard_bounce', 'test')"
         )
         again = await conn.fetchval(
-            "SELECT pgnotify.enqueue('email', 'JOE@example.com', body => 'code 2', user_id => 'joe', category => 'security')"
+            "SELECT pgnotify.enqueue('email', 'JOE@example.com', subject => 'Hi', body => 'code 2', user_id => 'joe', category => 'security')"
         )
         blocked = await wait_rows(conn, [again], DONE, service)
     assert [r["status"] for r in rows] == ["sent", "skipped"]
@@ -181,7 +181,7 @@ async def test_critical_categories_bypass_opt_outs_but_not_suppression(
 async def test_marketing_needs_a_recorded_opt_in(
     conn: asyncpg.Connection, sink_settings: Callable[..., Settings]
 ) -> None:
-    sql = "SELECT pgnotify.enqueue('email', 'mia@example.com', body => 'Sale', user_id => 'mia', category => 'marketing')"
+    sql = "SELECT pgnotify.enqueue('email', 'mia@example.com', subject => 'Hi', body => 'Sale', user_id => 'mia', category => 'marketing')"
     first = await conn.fetchval(sql)
     settings = sink_settings()
     async with running(settings) as service:
@@ -212,10 +212,10 @@ async def test_quiet_hours_defer_to_the_end_of_the_window_without_spending_an_at
         """
     )
     quiet = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'kim@example.com', body => 'later', user_id => 'kim', category => 'billing')"
+        "SELECT pgnotify.enqueue('email', 'kim@example.com', subject => 'Hi', body => 'later', user_id => 'kim', category => 'billing')"
     )
     urgent = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'kim@example.com', body => 'now', user_id => 'kim', category => 'security')"
+        "SELECT pgnotify.enqueue('email', 'kim@example.com', subject => 'Hi', body => 'now', user_id => 'kim', category => 'security')"
     )
     async with running(sink_settings()) as service:
         rows = await wait_rows(conn, [quiet, urgent], {"scheduled", "sent"}, service)
@@ -281,7 +281,7 @@ async def test_unsubscribe_links_in_templates_and_headers_and_the_pages(
     conn: asyncpg.Connection, sink_settings: Callable[..., Settings]
 ) -> None:
     nid = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'ann@example.com', body => 'Bye: {{ unsubscribe_url }}', user_id => 'ann', category => 'news')"
+        "SELECT pgnotify.enqueue('email', 'ann@example.com', subject => 'Hi', body => 'Bye: {{ unsubscribe_url }}', user_id => 'ann', category => 'news')"
     )
     settings = sink_settings(
         unsubscribe_secret=UNSUB_KEY, public_base_url="https://notify.example.com"
@@ -597,7 +597,7 @@ async def test_retention_deletes_in_batches_and_keeps_what_it_must(
     conn: asyncpg.Connection,
 ) -> None:
     await conn.execute(
-        "INSERT INTO pgnotify.notifications (channel, recipient, body) SELECT 'email', 'a@b.co', 'x' FROM generate_series(1, 14)"
+        "INSERT INTO pgnotify.notifications (channel, recipient, subject, body) SELECT 'email', 'a@b.co', 'Hi', 'x' FROM generate_series(1, 14)"
     )
     ids = [r["id"] for r in await conn.fetch("SELECT id FROM pgnotify.notifications ORDER BY id")]
     await conn.execute(
@@ -629,7 +629,7 @@ async def test_retention_deletes_in_batches_and_keeps_what_it_must(
 
 async def test_dashboard_and_failed_report(conn: asyncpg.Connection) -> None:
     await conn.execute(
-        "INSERT INTO pgnotify.notifications (channel, recipient, body) SELECT 'email', 'a@b.co', 'x' FROM generate_series(1, 5)"
+        "INSERT INTO pgnotify.notifications (channel, recipient, subject, body) SELECT 'email', 'a@b.co', 'Hi', 'x' FROM generate_series(1, 5)"
     )
     ids = [r["id"] for r in await conn.fetch("SELECT id FROM pgnotify.notifications ORDER BY id")]
     await conn.execute(

@@ -62,7 +62,12 @@ async def test_schema_files_apply_with_psql_and_rerun_as_no_ops(empty_dsn: str) 
     conn = await asyncpg.connect(empty_dsn)
     try:
         assert await migrate.applied_version(conn) == SCHEMA_VERSION
-        assert await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')") == 1
+        assert (
+            await conn.fetchval(
+                "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+            )
+            == 1
+        )
     finally:
         await conn.close()
 
@@ -80,8 +85,8 @@ async def test_every_runtime_query_prepares(conn: asyncpg.Connection) -> None:
 
 async def test_plain_insert_is_enough(conn: asyncpg.Connection) -> None:
     nid = await conn.fetchval(
-        "INSERT INTO pgnotify.notifications (channel, recipient, body, payload) "
-        "VALUES ('email', 'ada@example.com', 'Hi {{ name }}', '{\"name\": \"Ada\"}') RETURNING id"
+        "INSERT INTO pgnotify.notifications (channel, recipient, subject, body, payload) "
+        "VALUES ('email', 'ada@example.com', 'Hi', 'Hi {{ name }}', '{\"name\": \"Ada\"}') RETURNING id"
     )
     row = await conn.fetchrow("SELECT * FROM pgnotify.notifications WHERE id = $1", nid)
     assert row["status"] == "queued"
@@ -154,7 +159,7 @@ async def test_enqueue_from_a_shell_with_psql(dsn: str, conn: asyncpg.Connection
 
 
 async def test_idempotency_key_returns_the_existing_row(conn: asyncpg.Connection) -> None:
-    sql = "SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x', idempotency_key => 'order-7-shipped')"
+    sql = "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x', idempotency_key => 'order-7-shipped')"
     first = await conn.fetchval(sql)
     second = await conn.fetchval(sql)
     assert first == second
@@ -170,7 +175,7 @@ async def test_concurrent_enqueues_with_one_key_make_one_row(
         async def one() -> int:
             async with pool.acquire() as c, c.transaction():
                 value: int = await c.fetchval(
-                    "SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x', idempotency_key => 'K')"
+                    "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x', idempotency_key => 'K')"
                 )
                 return value
 
@@ -189,8 +194,8 @@ async def test_insert_notifies_once_per_statement_and_channel(
     await listener.add_listener("pgnotify", lambda *args: got.put_nowait(args[3]))
     try:
         await conn.execute(
-            "INSERT INTO pgnotify.notifications (channel, recipient, body) "
-            "SELECT 'email', 'u' || g || '@example.com', 'x' FROM generate_series(1, 500) g"
+            "INSERT INTO pgnotify.notifications (channel, recipient, subject, body) "
+            "SELECT 'email', 'u' || g || '@example.com', 'Hi', 'x' FROM generate_series(1, 500) g"
         )
         await conn.execute(
             "INSERT INTO pgnotify.notifications (channel, recipient, body, run_at) "
@@ -209,7 +214,9 @@ async def test_insert_notifies_once_per_statement_and_channel(
 
 
 async def test_cancel_only_what_has_not_started(conn: asyncpg.Connection) -> None:
-    nid = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")
+    nid = await conn.fetchval(
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+    )
     assert await conn.fetchval("SELECT pgnotify.cancel($1)", nid) is True
     assert await conn.fetchval("SELECT pgnotify.cancel($1)", nid) is False  # already cancelled
     assert await conn.fetchval("SELECT pgnotify.cancel(999999)") is False
@@ -220,7 +227,9 @@ async def test_cancel_only_what_has_not_started(conn: asyncpg.Connection) -> Non
 
 
 async def test_retry_requeues_failed_and_dead_only(conn: asyncpg.Connection) -> None:
-    nid = await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => 'x')")
+    nid = await conn.fetchval(
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'x')"
+    )
     assert await conn.fetchval("SELECT pgnotify.retry($1)", nid) is False  # still queued
     await conn.execute(
         "UPDATE pgnotify.notifications SET status = 'dead', attempts = 10, last_error = 'boom' WHERE id = $1",
@@ -282,7 +291,7 @@ BAD_INPUT = [
         "unknown template 'nope'",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', payload => '[1,2]'",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', payload => '[1,2]'",
         "payload",
         "JSON object",
     ),
@@ -292,27 +301,27 @@ BAD_INPUT = [
         "line breaks",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', locale => 'english!'",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', locale => 'english!'",
         "locale",
         "language tag",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', max_attempts => 0",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', max_attempts => 0",
         "max_attempts",
         "between 1",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', priority => 100000",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', priority => 100000",
         "priority",
         "between",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', run_at => 'infinity'",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', run_at => 'infinity'",
         "run_at",
         "finite",
     ),
     (
-        "channel => 'email', recipient => 'a@b.co', body => 'y', idempotency_key => ''",
+        "channel => 'email', recipient => 'a@b.co', subject => 'Hi', body => 'y', idempotency_key => ''",
         "idempotency_key",
         "1 to 255",
     ),
@@ -337,12 +346,14 @@ async def test_a_one_megabyte_payload_is_refused_with_its_size(conn: asyncpg.Con
         asyncpg.CheckViolationError, match=r"payload is \d+ bytes, over the 262144 byte limit"
     ):
         await conn.fetchval(
-            "SELECT pgnotify.enqueue('email', 'a@b.co', body => 'y', payload => $1::jsonb)", big
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)",
+            big,
         )
     # the limit is a setting an operator can raise per database or session
     await conn.execute("SET pgnotify.max_payload_bytes = 2000000")
     nid = await conn.fetchval(
-        "SELECT pgnotify.enqueue('email', 'a@b.co', body => 'y', payload => $1::jsonb)", big
+        "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => 'y', payload => $1::jsonb)",
+        big,
     )
     assert nid is not None
 
@@ -356,7 +367,9 @@ async def test_nul_bytes_and_lone_surrogates_are_refused_by_postgres(
             "VALUES ('email', 'a@b.co', 'x', '{\"a\": \"\\u0000\"}')"
         )
     with pytest.raises(asyncpg.CharacterNotInRepertoireError):
-        await conn.fetchval("SELECT pgnotify.enqueue('email', 'a@b.co', body => $1)", "nul\x00byte")
+        await conn.fetchval(
+            "SELECT pgnotify.enqueue('email', 'a@b.co', subject => 'Hi', body => $1)", "nul\x00byte"
+        )
     with pytest.raises(asyncpg.InvalidTextRepresentationError, match="surrogate"):
         await conn.execute(
             "INSERT INTO pgnotify.notifications (channel, recipient, body, payload) "
@@ -378,8 +391,8 @@ async def test_status_cannot_be_forged_on_insert(conn: asyncpg.Connection) -> No
 async def test_queue_status_counts_each_state(conn: asyncpg.Connection) -> None:
     await conn.execute(
         """
-        INSERT INTO pgnotify.notifications (channel, recipient, body, run_at)
-        SELECT 'email', 'a@b.co', 'x', CASE WHEN g <= 3 THEN now() ELSE now() + interval '1 hour' END
+        INSERT INTO pgnotify.notifications (channel, recipient, subject, body, run_at)
+        SELECT 'email', 'a@b.co', 'Hi', 'x', CASE WHEN g <= 3 THEN now() ELSE now() + interval '1 hour' END
         FROM generate_series(1, 5) g
         """
     )

@@ -14,6 +14,8 @@ import asyncpg
 from pgnotify_worker.service import Service
 from tests.support.pgcluster import TempCluster
 
+LOOPBACK_NETWORKS = "127.0.0.0/8"  # where the fake receivers listen
+
 
 @dataclass
 class PgServer:
@@ -41,6 +43,11 @@ async def scratch_database(
     admin = await _admin(server)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        # the INSERT check refuses loopback webhook URLs unless allowed, as the worker does
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET pgnotify.webhook_allowed_networks = '
+            f"'{LOOPBACK_NETWORKS}'"
+        )
     finally:
         await admin.close()
     try:

@@ -181,7 +181,14 @@ class QueueStore:
                     )
                 )
         if broken:
-            await self.complete(broken)
+            try:
+                await self.complete(broken)
+            except StoreError as exc:  # they come back when their lease expires, and die
+                log.error(
+                    "could not fail the notifications the worker cannot read: %s",
+                    exc,
+                    extra={"action": "undecodable_failed", "channel": channel},
+                )
             log.error(
                 "failed %s %s notification(s) the worker cannot read: %s",
                 len(broken),

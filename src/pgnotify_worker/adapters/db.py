@@ -28,6 +28,11 @@ DB_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.InternalClientError,  # a connection broken in the middle of an operation
 )
+# Errors after which a pooled connection must not be used again.
+BROKEN_CONNECTION: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.ConnectionDoesNotExistError,
+)
 # Any failed database call: unreachable, an error the server reported, or either of them
 # already translated by a QueueStore method.
 DB_ERRORS: tuple[type[Exception], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError, StoreError)
@@ -47,6 +52,12 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
         except StoreError:
             raise
         except DB_UNAVAILABLE as exc:
+            if isinstance(exc, BROKEN_CONNECTION) and args and isinstance(args[0], QueueStore):
+                # asyncpg can hand out a pooled connection whose protocol is still consuming the
+                # server's termination of it (during a restart: "cannot switch to state 12;
+                # another operation (2) is in progress", MagicStack/asyncpg#1069); replace every
+                # pooled connection instead of letting the next caller meet it too.
+                await args[0].pool.expire_connections()
             raise StoreUnavailable(fn.__name__, exc) from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(fn.__name__, exc) from exc

@@ -70,9 +70,9 @@ async def test_no_form_of_the_corpus_reaches_a_listener(
             refused_at_insert.append(url)
         else:
             queued[nid] = url
-    async with listeners() as seen:
-        async with running(worker_settings(webhook_allowed_networks="")) as service:
-            rows = await wait_rows(conn, list(queued), {"failed", "dead"}, service, timeout=30)
+    settings = worker_settings(webhook_allowed_networks="")
+    async with listeners() as seen, running(settings) as service:
+        rows = await wait_rows(conn, list(queued), {"failed", "dead"}, service, timeout=30)
     assert seen == []  # not one connection
     for row in rows:
         error = row["last_error"] or ""

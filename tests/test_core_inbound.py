@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgnotify_worker.adapters.inbound import resend_report, sendgrid_report, twilio_report
+from pgnotify_worker.adapters.providers.resend import resend_report
+from pgnotify_worker.adapters.providers.sendgrid import sendgrid_report
+from pgnotify_worker.adapters.providers.twilio import twilio_report
 from pgnotify_worker.core import signing
 
 # --- Svix (Resend): the vector from Svix's own tests -----------------------------------------------

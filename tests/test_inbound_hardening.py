@@ -22,9 +22,11 @@ from pgnotify_worker.adapters.inbound import (
     BadRequest,
     Inbound,
     parse_json,
-    sendgrid_report,
 )
+from pgnotify_worker.adapters.providers.sendgrid import sendgrid_report
+from pgnotify_worker.adapters.registry import inbound_endpoints
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
+from pgnotify_worker.config import load_settings
 from pgnotify_worker.core import signing
 from pgnotify_worker.core.unsubscribe import TokenInvalid, make_token, read_token
 from tests.fakes.twilio import twilio_signature
@@ -77,12 +79,14 @@ class Served:
 async def served() -> AsyncIterator[Served]:
     store = RecordingStore()
     signer = SendGridSigner()
+    settings = load_settings(
+        resend_webhook_secret=RESEND_SECRET,
+        sendgrid_webhook_public_key=signer.public_key_b64,
+        twilio_auth_token=TWILIO_TOKEN,
+    )
     inbound = Inbound(
         lambda: store,  # type: ignore[arg-type, return-value]
-        resend_secret=RESEND_SECRET,
-        sendgrid_public_key=signer.public_key_b64,
-        twilio_auth_token=TWILIO_TOKEN,
-        public_base_url=None,
+        inbound_endpoints(settings),
     )
     pages = UnsubscribePages(lambda: store, UNSUB_KEY)  # type: ignore[arg-type, return-value]
 

@@ -19,11 +19,8 @@ from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
-from pgnotify_worker.adapters.providers.resend import ResendSettings
-from pgnotify_worker.adapters.providers.sendgrid import SendGridSettings
 from pgnotify_worker.adapters.providers.spec import reveal
-from pgnotify_worker.adapters.providers.twilio import TwilioSettings
-from pgnotify_worker.adapters.registry import build_providers
+from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.backoff import Backoff
@@ -152,14 +149,9 @@ class Service:
         async with AsyncExitStack() as stack:
             if install_signals:
                 stack.callback(self._install_signals())
-            resend = ResendSettings.model_validate(s, from_attributes=True)
-            sendgrid = SendGridSettings.model_validate(s, from_attributes=True)
-            twilio = TwilioSettings.model_validate(s, from_attributes=True)
             inbound = Inbound(
                 lambda: self.store,
-                resend_secret=reveal(resend.resend_webhook_secret),
-                sendgrid_public_key=sendgrid.sendgrid_webhook_public_key,
-                twilio_auth_token=reveal(twilio.twilio_auth_token),
+                inbound_endpoints(s),
                 public_base_url=s.public_base_url,
                 sms_region=s.sms_default_region,
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from pgnotify_worker.adapters.db import QueueStore
+from pgnotify_worker.adapters.inbound import Endpoint
 from pgnotify_worker.adapters.providers.catalog import provider_specs
 from pgnotify_worker.adapters.providers.spec import Context
 from pgnotify_worker.config import Settings
@@ -72,3 +73,9 @@ def build_providers(settings: Settings, store: QueueStore) -> dict[str, ChannelP
             )
         built[channel] = entry
     return built
+
+
+def inbound_endpoints(settings: Settings) -> list[Endpoint]:
+    """The delivery-report endpoints of every provider whose signing key is configured."""
+    found = (spec.endpoint(settings) for spec in provider_specs().values())
+    return [endpoint for endpoint in found if endpoint is not None]

@@ -7,8 +7,16 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, Field, SecretStr
 
+from pgnotify_worker.adapters.inbound import (
+    BadRequest,
+    Endpoint,
+    Inbound,
+    Report,
+    parse_json,
+)
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
     format_sender,
@@ -17,6 +25,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     unsubscribe_headers,
 )
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core import signing
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
@@ -117,6 +126,75 @@ def classify_resend(
     return Permanent(f"resend_{name or status}", f"{what}: {message}")
 
 
+# --- its delivery reports (POST /webhooks/resend) -------------------------------------------
+
+RESEND_EVENTS = {
+    "email.delivered": "delivered",
+    "email.delivery_delayed": "delivery_delayed",
+    "email.bounced": "bounced",
+    "email.complained": "complained",
+    "email.failed": "delivery_failed",
+    "email.suppressed": "provider_suppressed",
+    "email.opened": "opened",
+    "email.clicked": "clicked",
+}
+
+
+def resend_report(payload: dict[str, Any], svix_id: str) -> Report | None:
+    """A Resend event, or None for one we do not track (email.sent, account events)."""
+    event = RESEND_EVENTS.get(str(payload.get("type")))
+    data = payload.get("data")
+    if event is None or not isinstance(data, dict) or not isinstance(data.get("email_id"), str):
+        return None
+    suppress = None
+    detail: dict[str, Any] = {"type": payload.get("type")}
+    if event == "bounced" and isinstance(data.get("bounce"), dict):
+        bounce = data["bounce"]
+        detail["bounce"] = {k: bounce.get(k) for k in ("type", "subType", "message")}
+        if bounce.get("type") == "Permanent":
+            suppress = "hard_bounce"
+    elif event == "complained":
+        suppress = "complaint"
+    elif event == "provider_suppressed":
+        suppress = "provider_suppressed"
+    return Report(
+        event,
+        svix_id,
+        provider_message_id=data["email_id"],
+        suppress=suppress,
+        error_code=f"resend_{event}" if suppress or event == "delivery_failed" else None,
+        detail=detail,
+    )
+
+
+def _inbound(cfg: ResendSettings) -> Endpoint | None:
+    """The report endpoint, when its signing key is configured."""
+    secret = reveal(cfg.resend_webhook_secret)
+    if not secret:
+        return None
+
+    async def handle(request: web.Request, inbound: Inbound) -> web.Response:
+        body = await request.read()  # over MAX_BODY: 413
+        headers = request.headers
+        msg_id = headers.get("svix-id") or headers.get("webhook-id") or ""
+        stamp = headers.get("svix-timestamp") or headers.get("webhook-timestamp")
+        signature = headers.get("svix-signature") or headers.get("webhook-signature") or ""
+        if stamp and signing.parse_timestamp(stamp) is None:
+            return inbound.reject("resend", "svix-timestamp is not a Unix time")
+        if not (msg_id.isascii() and signature.isascii()):
+            return inbound.reject("resend", "svix-id and svix-signature must be ASCII")
+        if not signing.verify_svix(secret, dict(headers), body, inbound.clock()):
+            return inbound.refuse("resend", "invalid or missing svix signature")
+        try:
+            payload = parse_json(body)
+        except BadRequest as exc:
+            return inbound.reject("resend", str(exc))
+        report = resend_report(payload, msg_id) if isinstance(payload, dict) else None
+        return await inbound.record("resend", [report] if report else [])
+
+    return Endpoint("/webhooks/resend", handle)
+
+
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
@@ -140,4 +218,13 @@ def _build(cfg: ResendSettings, ctx: Context) -> Provider:
 
 
 # Resend's own pages say 2, 5 and 10 per second per team; its current page says 5.
-SPECS = (ProviderSpec("resend", frozenset({"email"}), ResendSettings, _build, default_rate="5/5"),)
+SPECS = (
+    ProviderSpec(
+        "resend",
+        frozenset({"email"}),
+        ResendSettings,
+        _build,
+        default_rate="5/5",
+        inbound=_inbound,
+    ),
+)

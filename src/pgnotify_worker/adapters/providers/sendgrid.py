@@ -7,8 +7,16 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, Field, SecretStr
 
+from pgnotify_worker.adapters.inbound import (
+    BadRequest,
+    Endpoint,
+    Inbound,
+    Report,
+    parse_json,
+)
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.email_common import (
     missing_content,
@@ -16,6 +24,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     unsubscribe_headers,
 )
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core import signing
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
@@ -121,6 +130,87 @@ def classify_sendgrid(
     return Permanent(f"sendgrid_{status}", f"sendgrid HTTP {status}: {message}")
 
 
+# --- its delivery reports (POST /webhooks/sendgrid) -------------------------------------------
+
+SENDGRID_EVENTS = {
+    "delivered": "delivered",
+    "deferred": "delivery_delayed",
+    "dropped": "dropped",
+    "bounce": "bounced",
+    "spamreport": "complained",
+    "unsubscribe": "unsubscribed",
+    "group_unsubscribe": "unsubscribed",
+    "open": "opened",
+    "click": "clicked",
+}
+
+
+def _is_bigint(text: str) -> bool:
+    """ASCII digits that fit a bigint ('٣' is a digit to str.isdigit; 10**30 is not an id)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+def sendgrid_report(item: dict[str, Any]) -> Report | None:
+    """One SendGrid event, found by our custom_args notification_id or by sg_message_id."""
+    kind = str(item.get("event"))
+    event = SENDGRID_EVENTS.get(kind)
+    event_id = item.get("sg_event_id")
+    if event is None or not isinstance(event_id, str):
+        return None
+    suppress = None
+    if kind == "bounce":
+        if item.get("type") == "blocked":
+            event = "blocked"  # temporary: the receiving server refused this time
+        else:
+            suppress = "hard_bounce"
+    elif kind == "spamreport":
+        suppress = "complaint"
+    elif kind in ("unsubscribe", "group_unsubscribe"):
+        suppress = "unsubscribed"
+    notification_id = str(item.get("notification_id", ""))
+    message_id = item.get("sg_message_id")
+    return Report(
+        event,
+        event_id,
+        notification_id=int(notification_id) if _is_bigint(notification_id) else None,
+        provider_message_id=str(message_id).split(".", 1)[0] if message_id else None,
+        suppress=suppress,
+        error_code=f"sendgrid_{kind}" if suppress or kind in ("dropped", "bounce") else None,
+        error=str(item.get("reason", ""))[:300] or None,
+        detail={k: item.get(k) for k in ("event", "type", "status") if item.get(k) is not None},
+    )
+
+
+def _inbound(cfg: SendGridSettings) -> Endpoint | None:
+    """The report endpoint, when its signing key is configured."""
+    secret = cfg.sendgrid_webhook_public_key
+    if not secret:
+        return None
+
+    async def handle(request: web.Request, inbound: Inbound) -> web.Response:
+        body = await request.read()  # over MAX_BODY: 413
+        signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
+        stamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
+        if stamp and signing.parse_timestamp(stamp) is None:
+            return inbound.reject("sendgrid", "the event webhook timestamp is not a Unix time")
+        if not signature.isascii():
+            return inbound.reject("sendgrid", "the event webhook signature must be ASCII")
+        if not signing.verify_sendgrid(secret, signature, stamp, body):
+            return inbound.refuse("sendgrid", "invalid or missing event webhook signature")
+        try:
+            items = parse_json(body)
+        except BadRequest as exc:
+            return inbound.reject("sendgrid", str(exc))
+        reports = [
+            report
+            for item in (items if isinstance(items, list) else [])
+            if isinstance(item, dict) and (report := sendgrid_report(item)) is not None
+        ]
+        return await inbound.record("sendgrid", reports)
+
+    return Endpoint("/webhooks/sendgrid", handle)
+
+
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
@@ -148,6 +238,11 @@ def _build(cfg: SendGridSettings, ctx: Context) -> Provider:
 # SendGrid publishes no mail/send limit.
 SPECS = (
     ProviderSpec(
-        "sendgrid", frozenset({"email"}), SendGridSettings, _build, default_rate="100/100"
+        "sendgrid",
+        frozenset({"email"}),
+        SendGridSettings,
+        _build,
+        default_rate="100/100",
+        inbound=_inbound,
     ),
 )

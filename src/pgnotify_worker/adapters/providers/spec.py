@@ -14,6 +14,7 @@ from pgnotify_worker.ports import Provider
 
 if TYPE_CHECKING:
     from pgnotify_worker.adapters.db import QueueStore
+    from pgnotify_worker.adapters.inbound import Endpoint
     from pgnotify_worker.config import CoreSettings
 
 
@@ -42,6 +43,13 @@ class ProviderSpec(Generic[S]):
     build: Callable[[S, Context], Provider]
     default_rate: str | None = None  # rate/burst when PGNOTIFY_RATE_LIMITS names none
     dev_sink: bool = False  # console/file: used only when the user chose them
+    inbound: Callable[[S], Endpoint | None] | None = None  # its delivery-report endpoint
+
+    def endpoint(self, settings: Any) -> Endpoint | None:
+        """Its report endpoint, when it has one and it is configured."""
+        if self.inbound is None:
+            return None
+        return self.inbound(self.settings.model_validate(settings, from_attributes=True))
 
     def create(self, settings: Any, context: Context) -> Provider:
         """Build the provider from the full settings (its own fields are read from them)."""

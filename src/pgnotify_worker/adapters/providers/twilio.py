@@ -6,10 +6,18 @@ import base64
 import datetime as dt
 from collections.abc import Callable, Mapping
 
+from aiohttp import web
 from pydantic import BaseModel, Field, SecretStr
 
+from pgnotify_worker.adapters.inbound import (
+    Endpoint,
+    Inbound,
+    Report,
+    clean_text,
+)
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.core import signing
 from pgnotify_worker.core.addresses import to_e164
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError
@@ -122,6 +130,63 @@ def classify_twilio(
     return Permanent(f"twilio_{code or status}", f"{what}: {message}")
 
 
+# --- its delivery reports (POST /webhooks/twilio) -------------------------------------------
+
+TWILIO_FINAL = {
+    "delivered": "delivered",
+    "undelivered": "delivery_failed",
+    "failed": "delivery_failed",
+}
+TWILIO_DEAD_NUMBER = {"30005": "invalid_number", "30006": "invalid_number", "21610": "unsubscribed"}
+
+
+def twilio_report(form: dict[str, str]) -> Report | None:
+    """A Twilio status callback; only final states are recorded."""
+    status = form.get("MessageStatus", "")
+    event = TWILIO_FINAL.get(status)
+    sid = form.get("MessageSid")
+    if event is None or not sid:
+        return None
+    code = form.get("ErrorCode") or None
+    return Report(
+        event,
+        f"{sid}:{status}",
+        provider_message_id=sid,
+        suppress=TWILIO_DEAD_NUMBER.get(code or ""),
+        error_code=f"twilio_{code}" if code else None,
+        detail={"status": status},
+    )
+
+
+def _inbound(cfg: TwilioSettings) -> Endpoint | None:
+    """The report endpoint, when its signing key is configured."""
+    secret = reveal(cfg.twilio_auth_token)
+    if not secret:
+        return None
+
+    async def handle(request: web.Request, inbound: Inbound) -> web.Response:
+        if request.content_type != "application/x-www-form-urlencoded":
+            # Twilio posts urlencoded forms only; a multipart parser is attack surface we skip
+            return inbound.reject("twilio", "expected application/x-www-form-urlencoded", 415)
+        try:
+            form = await request.post()  # over MAX_BODY: 413
+        except ValueError:  # bytes that are not UTF-8
+            return inbound.reject("twilio", "the form is not UTF-8")
+        params: dict[str, list[str]] = {}
+        for name, value in form.items():
+            params.setdefault(name, []).append(str(value))
+        url = inbound.url_of(request)
+        header = request.headers.get("X-Twilio-Signature", "")
+        if not header.isascii():
+            return inbound.reject("twilio", "X-Twilio-Signature must be ASCII")
+        if not header or not signing.verify_twilio(secret, url, params, header):
+            return inbound.refuse("twilio", "invalid or missing X-Twilio-Signature")
+        report = twilio_report({name: clean_text(values[0]) for name, values in params.items()})
+        return await inbound.record("twilio", [report] if report else [])
+
+    return Endpoint("/webhooks/twilio", handle)
+
+
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
@@ -159,4 +224,13 @@ def _build(cfg: TwilioSettings, ctx: Context) -> Provider:
 
 
 # Twilio queues what it cannot send at once.
-SPECS = (ProviderSpec("twilio", frozenset({"sms"}), TwilioSettings, _build, default_rate="50/50"),)
+SPECS = (
+    ProviderSpec(
+        "twilio",
+        frozenset({"sms"}),
+        TwilioSettings,
+        _build,
+        default_rate="50/50",
+        inbound=_inbound,
+    ),
+)

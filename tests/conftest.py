@@ -20,8 +20,9 @@ from pgnotify_worker.adapters import migrate
 from pgnotify_worker.config import Settings
 from tests.support.db import PgServer, _admin, scratch_database
 from tests.support.pgcluster import TempCluster
+from tests.support.roles import LoginAs, login_roles
 from tests.support.webhooks import WebhookSink
-from tests.support.worker import test_settings
+from tests.support.worker import settings_for
 
 TEMPLATE_DB = "pgnotify_template"
 
@@ -109,10 +110,17 @@ async def webhook_sink() -> AsyncIterator[WebhookSink]:
 
 @pytest.fixture
 def worker_settings(dsn: str) -> Callable[..., Settings]:
-    return lambda **overrides: test_settings(dsn, **overrides)
+    return lambda **overrides: settings_for(dsn, **overrides)
 
 
 @pytest.fixture
 def caplog_all(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.DEBUG)
     return caplog
+
+
+@pytest.fixture
+async def login_as(dsn: str) -> AsyncIterator[LoginAs]:
+    """login_as('pgnotify_producer', ...): a new LOGIN role in those groups; returns its DSN."""
+    async with login_roles(dsn) as make:
+        yield make

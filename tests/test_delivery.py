@@ -17,10 +17,24 @@ from standardwebhooks.webhooks import Webhook
 from pgnotify_worker.config import Settings
 from pgnotify_worker.service import Service
 from tests.support.db import wait_rows
+from tests.support.roles import LoginAs
 from tests.support.webhooks import WEBHOOK_SECRET, Received, WebhookSink
-from tests.support.worker import running
+from tests.support.worker import running, settings_for
 
 DONE = {"sent", "failed", "dead"}
+
+
+@pytest.fixture(params=["owner", "pgnotify_worker"])
+async def worker_settings(
+    request: pytest.FixtureRequest, dsn: str, login_as: LoginAs
+) -> Callable[..., Settings]:
+    """Each delivery test runs twice: as the schema owner, and as a login role that holds only
+    pgnotify_worker (no superuser, no DDL, migrations left to the owner): least privilege is
+    enough for everything the worker does."""
+    if request.param == "owner":
+        return lambda **overrides: settings_for(dsn, **overrides)
+    url = await login_as("pgnotify_worker")
+    return lambda **overrides: settings_for(url, **{"migrate_on_start": False, **overrides})
 
 
 async def enqueue_webhook(conn: asyncpg.Connection, url: str, **kw: object) -> int:

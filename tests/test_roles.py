@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -16,38 +15,9 @@ from pgnotify_worker import SCHEMA_VERSION
 from pgnotify_worker.adapters import migrate
 from tests import conftest
 from tests.support.db import wait_rows
+from tests.support.roles import LoginAs
 from tests.support.webhooks import WebhookSink
 from tests.support.worker import running
-
-LoginAs = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def login_as(dsn: str) -> AsyncIterator[LoginAs]:
-    """login_as('pgnotify_producer', ...): a new LOGIN role in those groups; returns its DSN."""
-    made: list[str] = []
-    admin = await asyncpg.connect(dsn)
-
-    async def make(*groups: str) -> str:
-        name = f"pgn_test_{uuid.uuid4().hex[:12]}"
-        password = secrets.token_hex(16)
-        await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
-        made.append(name)
-        for group in groups:
-            await admin.execute(f"GRANT {group} TO {name}")
-        parts = urlsplit(dsn)
-        netloc = f"{name}:{password}@{parts.hostname}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            await admin.execute(  # sessions of the role first: DROP ROLE needs none left
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name
-            )
-            await admin.execute(f"DROP ROLE IF EXISTS {name}")
-        await admin.close()
 
 
 async def denied(conn: asyncpg.Connection, sql: str, *args: object) -> None:
@@ -233,7 +203,7 @@ async def test_the_worker_role_runs_a_real_delivery(
         )
     finally:
         await producer.close()
-    settings = conftest.test_settings(worker_dsn, migrate_on_start=False, channels="webhook,inapp")
+    settings = conftest.settings_for(worker_dsn, migrate_on_start=False, channels="webhook,inapp")
     async with running(settings) as service:
         rows = await wait_rows(conn, [hook, inapp], {"sent", "failed", "dead"}, service)
     assert [(r["status"], r["last_error"]) for r in rows] == [("sent", None), ("sent", None)]

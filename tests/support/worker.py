@@ -12,7 +12,7 @@ from pgnotify_worker.service import Service
 from tests.support.webhooks import WEBHOOK_SECRET
 
 
-def test_settings(dsn: str, **overrides: Any) -> Settings:
+def settings_for(dsn: str, **overrides: Any) -> Settings:
     """Settings for a worker under test: fast timers, loopback webhooks allowed, any free port."""
     values: dict[str, Any] = {
         "database_url": dsn,

@@ -33,6 +33,8 @@ from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
+from pgnotify_worker.core.retry import RetryPolicy
+from pgnotify_worker.core.state import Status, resolve
 from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import (
@@ -779,6 +781,10 @@ async def test_circuit_opens_after_failures_then_one_probe_closes_it(
     assert paused.retry_after == 30.0
     assert "resend answered HTTP 503" in paused.message
     assert len(resend_fake.requests) == 3
+    # nothing reached a provider: the row waits, its attempt refunded, never dead for it
+    assert not paused.tried
+    waiting = resolve(paused, attempt=10, max_attempts=10, policy=RetryPolicy(), rand=0.5)
+    assert (waiting.status, waiting.refund) == (Status.SCHEDULED, True)
 
     clock.now += 29.9
     assert dispatcher.capacity("email", 10) == 0

@@ -2,7 +2,10 @@
 --
 -- * notify_user() refuses a template that does not exist (or exists for none of the channels the
 --   user can be reached on), unknown channel names, a user reachable on none of the channels, and
---   a call with neither template nor body where one is needed; it used to return '{}'.
+--   a call with neither template nor body where one is needed; it used to return '{}'. Callers
+--   that notify many users at once may SET pgnotify.notify_user_unreachable = 'skip': a user
+--   who cannot be reached (no address, or the template is for none of their channels) then
+--   gives '{}' and a NOTICE; a misspelt template or channel is refused whatever the setting.
 -- * An idempotency key used again for a different notification is refused (23514, column
 --   idempotency_key) on every path: enqueue(), notify_user(), INSERT ... ON CONFLICT. The same
 --   call again still returns the same id(s) (notify_user() used to return '{}' on a repeat).
@@ -271,6 +274,9 @@ DECLARE
     usable text[];
     is_critical boolean;
     who text := format('%L', left(notify_user.user_id, 100));
+    unreachable text;
+    skip_unreachable boolean :=
+        current_setting('pgnotify.notify_user_unreachable', true) IS NOT DISTINCT FROM 'skip';
 BEGIN
     IF notify_user.user_id IS NULL OR btrim(notify_user.user_id) = '' THEN
         PERFORM pgnotify.reject('user_id', 'notify_user needs a user_id');
@@ -335,11 +341,19 @@ BEGIN
             coalesce(nullif(array_to_string(reach_channel, ', '), ''), 'no channel')),
             'insert it into pgnotify.templates first');
     END IF;
+    -- Whether a user can be reached depends on their data, not on the call: a caller that
+    -- notifies many users at once (a job, a trigger) may choose to skip those with a NOTICE.
     IF cardinality(reach_channel) = 0 THEN
-        PERFORM pgnotify.reject('user_id', format('user %s cannot be reached on any of %s', who,
-            array_to_string(wanted, ', ')),
+        unreachable := format('user %s cannot be reached on any of %s', who,
+                              array_to_string(wanted, ', '));
+        IF skip_unreachable THEN
+            RAISE NOTICE 'pgnotify: %', unreachable;
+            RETURN ids;
+        END IF;
+        PERFORM pgnotify.reject('user_id', unreachable,
             'give them an address in pgnotify.contacts (email, phone, webhook_url) or a device '
-            '(pgnotify.register_device); inapp reaches every user');
+            '(pgnotify.register_device); inapp reaches every user; SET pgnotify.'
+            'notify_user_unreachable = ''skip'' returns ''{}'' instead');
     END IF;
     usable := ARRAY(
         SELECT r FROM unnest(reach_channel) WITH ORDINALITY AS u(r, i)
@@ -349,11 +363,17 @@ BEGIN
         ORDER BY i);
     IF cardinality(usable) = 0 THEN
         IF notify_user.template IS NOT NULL THEN
-            PERFORM pgnotify.reject('template', format(
+            unreachable := format(
                 'template %L exists for %s, but user %s can be reached on %s only',
                 left(notify_user.template, 100), array_to_string(templated, ', '), who,
-                array_to_string(reach_channel, ', ')),
-                'add the template for one of those channels, or pass channels');
+                array_to_string(reach_channel, ', '));
+            IF skip_unreachable THEN
+                RAISE NOTICE 'pgnotify: %', unreachable;
+                RETURN ids;
+            END IF;
+            PERFORM pgnotify.reject('template', unreachable,
+                'add the template for one of those channels; SET pgnotify.'
+                'notify_user_unreachable = ''skip'' returns ''{}'' instead');
         END IF;
         PERFORM pgnotify.reject('template', format(
             'a notification to user %s on %s needs a template or a body', who,
@@ -407,7 +427,8 @@ $fn$;
 COMMENT ON FUNCTION pgnotify.notify_user IS
     'Notify a user on every channel they can be reached on and have not turned off; returns the '
     'ids (''{}'' when they turned every one off). Refuses an unknown template or channel and a '
-    'user reachable on none of the channels. The same idempotency_key again: the same ids.';
+    'user reachable on none of the channels (pgnotify.notify_user_unreachable = skip: ''{}'' '
+    'and a NOTICE). The same idempotency_key again: the same ids.';
 
 -------------------------------------------------------------------------------------------------
 -- Notifications: "an email notification", not "a email notification". The rest as in 0001.

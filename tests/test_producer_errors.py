@@ -94,6 +94,32 @@ async def test_notify_user_refuses_a_user_reachable_on_none_of_the_channels(
     assert await count(conn) == 0
 
 
+async def test_a_bulk_caller_may_skip_unreachable_users_with_a_notice_but_not_typos(
+    conn: asyncpg.Connection,
+) -> None:
+    await template(conn, "code", "sms")
+    notices: list[str] = []
+    conn.add_log_listener(lambda _c, message: notices.append(message.message))
+    await conn.execute("SET pgnotify.notify_user_unreachable = 'skip'")
+    assert (
+        await conn.fetchval(
+            "SELECT pgnotify.notify_user('ghost', NULL, body => 'x', channels => '{email,sms}')"
+        )
+        == []
+    )
+    assert (
+        await conn.fetchval("SELECT pgnotify.notify_user('ghost', NULL, template => 'code')") == []
+    )
+    await conn.execute("SELECT 1")  # the notices have arrived
+    assert notices == [
+        "pgnotify: user 'ghost' cannot be reached on any of email, sms",
+        "pgnotify: template 'code' exists for sms, but user 'ghost' can be reached on inapp only",
+    ]
+    error = await refused(conn, "SELECT pgnotify.notify_user('ghost', NULL, template => 'cod')")
+    assert "unknown template 'cod'" in error.message  # a typo is never skipped
+    assert await count(conn) == 0
+
+
 async def test_notify_user_refuses_an_unknown_channel_and_a_missing_body(
     conn: asyncpg.Connection,
 ) -> None:

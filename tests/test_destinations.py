@@ -41,8 +41,14 @@ async def test_a_slow_destination_at_its_cap_sends_its_row_back_without_an_attem
     destinations = Destinations({"webhook": 2})
     held = [await destinations.admit("https://slow:443", "webhook") for _ in range(2)]
     assert all(isinstance(d, Destination) for d in held)
+    started = asyncio.get_running_loop().time()
+    refused = await destinations.admit("https://slow:443", "webhook")  # waited, then gave up
+    assert isinstance(refused, Retryable) and refused.code == "destination_busy"
+    assert asyncio.get_running_loop().time() - started < 0.5
     held[0].answer_seconds = 10.0  # type: ignore[union-attr]
-    refused = await destinations.admit("https://slow:443", "webhook")
+    started = asyncio.get_running_loop().time()
+    refused = await destinations.admit("https://slow:443", "webhook")  # known slow: at once
+    assert asyncio.get_running_loop().time() - started < 0.05
     assert isinstance(refused, Retryable) and refused.code == "destination_busy"
     assert not refused.tried and refused.retry_after == 10.0
     other = await destinations.admit("https://fast:443", "webhook")  # another is not affected

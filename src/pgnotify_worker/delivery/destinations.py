@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 OPENED = "opened"
 RECOVERED = "recovered"
 MIN_BUSY_WAIT = 0.5  # seconds a row for a busy destination waits at least
-QUICK = 0.05  # a destination answering faster than this on average: wait for its slot in memory
+QUICK = 0.1  # a destination answering faster than this on average: wait for its slot in memory
 
 
 @dataclass(slots=True)
@@ -42,7 +42,8 @@ class Destination:
     key: str
     breaker: CircuitBreaker
     in_flight: int = 0
-    answer_seconds: float = 0.0  # moving average of a send's duration
+    answer_seconds: float = 0.0  # moving average of a send's duration (0: none answered yet)
+    busy_since: float = 0.0  # when its sends in flight went from none to one
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def freed(self) -> None:
@@ -128,7 +129,7 @@ class Destinations:
         dest = self.get(key)
         cap = self.caps.get(channel, 1)
         tries = 0
-        while dest.in_flight >= cap and 0 < dest.answer_seconds < QUICK:
+        while dest.in_flight >= cap and self._quick(dest):
             if tries == 3:  # no slot came free: it is not quick (any more)
                 dest.answer_seconds = max(dest.answer_seconds, QUICK)
                 break
@@ -154,7 +155,16 @@ class Destinations:
                 tried=False,
             )
         dest.in_flight += 1
+        if dest.in_flight == 1:
+            dest.busy_since = now
         return dest
+
+    def _quick(self, dest: Destination) -> bool:
+        """Does a slot of this destination come free soon? Its average answer time says; before
+        its first answer, whether its sends have been out for less than QUICK so far."""
+        if dest.answer_seconds:
+            return dest.answer_seconds < QUICK
+        return self.clock() - dest.busy_since < QUICK
 
     def release(self, dest: Destination) -> None:
         """A send that ended without an answer (cancelled)."""

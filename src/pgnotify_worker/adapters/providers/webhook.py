@@ -134,10 +134,14 @@ class WebhookProvider:
         self._session: aiohttp.ClientSession | None = None
         # Parsing and checking a URL costs more than signing it: remember the verdict per URL.
         self._target = functools.lru_cache(maxsize=4096)(self._check_target)
+        self._origin = functools.lru_cache(maxsize=4096)(self._origin_of)
 
     def destination(self, recipient: str) -> str | None:
         """The endpoint's origin: breakers, concurrency and disabling are per destination, so
         one customer's failing or slow endpoint does not hold back the others."""
+        return self._origin(recipient)
+
+    def _origin_of(self, recipient: str) -> str | None:
         url = self._target(recipient)
         return None if isinstance(url, Permanent) else origin(url)
 

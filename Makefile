@@ -57,11 +57,13 @@ bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside 
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
+	$(BIN)/python -m bench.isolation
 
 bench-smoke: $(STAMP)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
+	$(BIN)/python -m bench.isolation --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -311,6 +311,11 @@ async def bench(
             "PGNOTIFY_DATABASE_URL": bench_dsn,
             "PGNOTIFY_CHANNELS": "webhook",
             "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
+            # one sink stands for many endpoints: no per-destination cap unless asked for
+            # (PGNOTIFY_DESTINATION_CONCURRENCY=0 in the environment: the default share)
+            "PGNOTIFY_DESTINATION_CONCURRENCY": os.environ.get(
+                "PGNOTIFY_DESTINATION_CONCURRENCY", str(concurrency)
+            ),
             "PGNOTIFY_WEBHOOK_SECRET": SECRET,
             "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
             "PGNOTIFY_HTTP_HOST": "127.0.0.1",

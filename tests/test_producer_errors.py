@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from pgnotify_worker import SCHEMA_VERSION
 from pgnotify_worker.adapters import migrate
 
 MIGRATION_8 = Path(migrate.schema_dir()) / "0008_producer_errors.sql"
@@ -437,6 +438,8 @@ async def test_replaced_functions_keep_security_definer_and_their_settings(
         assert row["prosecdef"] is True, name
         assert row["proconfig"] == ["search_path=pg_catalog, pgnotify, pg_temp"], name
     assert await conn.fetchval("SHOW search_path") == '"$user", public'
-    assert await conn.fetchval("SELECT max(version) FROM pgnotify.schema_migrations") == 8
+    assert await conn.fetchval("SELECT max(version) FROM pgnotify.schema_migrations") == (
+        SCHEMA_VERSION
+    )
     # and the functions still work under their fixed search_path
     assert await conn.fetchval("SELECT pgnotify.enqueue('inapp', 'ada', body => 'x')") >= 1

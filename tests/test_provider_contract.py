@@ -35,8 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pgnotify_worker.adapters.db import QueueStore
 from pgnotify_worker.adapters.registry import build_providers
 from pgnotify_worker.config import Settings, load_settings
-from pgnotify_worker.core.circuit import CircuitState
+from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.webpush import b64u
+from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Sent
 from pgnotify_worker.ports import Provider
@@ -486,25 +487,43 @@ async def test_an_answer_slower_than_the_timeout_is_a_retryable_timeout(
 
 
 async def test_retryable_failures_in_a_row_open_the_circuit(case: Contract, fake: Fake) -> None:
+    """A provider sending to many hosts (webhook, webpush: it names a destination) opens that
+    destination's circuit and never its own; a single-API provider opens its own."""
     clock = FakeClock()
     async with built(case, fake) as b:
-        dispatcher = make_dispatcher(b.channels, clock)
+        destinations = Destinations(
+            {case.channel: 10}, threshold=THRESHOLD, open_seconds=OPEN_SECONDS, clock=clock
+        )
+        dispatcher = make_dispatcher(b.channels, clock, destinations=destinations)
+        destination_of = getattr(b.slot.provider, "destination", None)
+        key = destination_of(case.recipient(fake)) if destination_of else None
+
+        def breaker() -> CircuitBreaker:
+            return destinations.get(key).breaker if key else b.slot.breaker
+
         fake.fail_next(THRESHOLD, status=503)
         for attempt in range(1, THRESHOLD + 1):
-            assert b.slot.breaker.state is CircuitState.CLOSED, attempt
+            assert breaker().state is CircuitState.CLOSED, attempt
             outcome, name = await dispatcher.send_chain(
                 case.channel, rendered(case, case.recipient(fake))
             )
             assert name == case.provider
             assert_retryable(outcome, "http_503")
-        assert b.slot.breaker.state is CircuitState.OPEN
+        assert breaker().state is CircuitState.OPEN
+        if key:
+            assert b.slot.breaker.state is CircuitState.CLOSED  # the provider goes on for others
 
         # open: a send is not passed on, and says how long the pause lasts
         outcome, name = await dispatcher.send_chain(
             case.channel, rendered(case, case.recipient(fake))
         )
-    assert name == "none"
-    assert assert_retryable(outcome, "circuit_open").retry_after == OPEN_SECONDS
+    if key:
+        assert name == case.provider
+        paused = assert_retryable(outcome, "destination_paused")
+    else:
+        assert name == "none"
+        paused = assert_retryable(outcome, "circuit_open")
+    assert paused.retry_after == OPEN_SECONDS and not paused.tried
     assert len(fake.requests) == THRESHOLD
 
 

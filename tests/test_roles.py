@@ -393,6 +393,9 @@ async def test_the_worker_role_may_run_every_worker_query(
         "QUEUE_DEAD_TUPLES": (),
         "SCHEMA_EXISTS": (),
         "STATEMENT_TIMEOUT": ("5s",),
+        "DESTINATIONS": (),
+        "DESTINATION_FAILING": ("https://hooks.example.com:443", "http_503", 3600.0),
+        "DESTINATION_RECOVERED": ("https://hooks.example.com:443",),
     }
     assert set(args) == set(queries.ALL) - {"CANCEL", "RETRY"}
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))

@@ -133,6 +133,20 @@ class CoreSettings(BaseSettings):
     circuit_open_seconds: float = Field(
         30.0, gt=0, description="How long an open circuit waits before one probe send."
     )
+    destination_concurrency: int = Field(
+        0,
+        ge=0,
+        description="Sends one destination (a webhook endpoint's origin, scheme://host:port) may "
+        "have in flight; 0 = a quarter of its channel's concurrency (at least 1). A slow "
+        "endpoint holds at most this many of the channel's slots.",
+    )
+    destination_disable_after: float = Field(
+        259_200.0,
+        gt=0,
+        description="Seconds a destination may keep failing (no success in between) before it "
+        "is disabled: its rows fail with destination_disabled until "
+        "pgnotify.enable_destination(origin). Default 3 days.",
+    )
     public_base_url: str | None = Field(
         None,
         description="This worker's public URL (https://notify.example.com): Twilio status "
@@ -301,6 +315,10 @@ class CoreSettings(BaseSettings):
     def concurrency_for(self, channel: str) -> int:
         """In-flight limit of one channel."""
         return self.channel_concurrency.get(channel, self.concurrency)
+
+    def destination_cap(self, channel: str) -> int:
+        """In-flight limit of one destination of a channel."""
+        return self.destination_concurrency or max(1, self.concurrency_for(channel) // 4)
 
     def providers_for(self, channel: str) -> list[str]:
         """Provider names of one channel, in failover order (console for all when simulating)."""

@@ -26,6 +26,18 @@ class Provider(Protocol):
         ...
 
 
+class Destined(Protocol):
+    """Optional on a Provider that sends to many independent hosts (webhooks, Web Push): the
+    destination a recipient is sent to (its origin, scheme://host:port), or None when the
+    recipient is unusable (send() says why). Breakers, concurrency caps and disabling are then
+    kept per destination; a provider without it (one API: Resend, Twilio, FCM) is one
+    destination."""
+
+    def destination(self, recipient: str) -> str | None:
+        """scheme://host:port, or None."""
+        ...
+
+
 class DeliveryStore(Protocol):
     """What delivery needs from storage (adapters.db.QueueStore). Every method raises
     errors.StoreError (StoreUnavailable when the database is unreachable), never a driver error."""
@@ -102,6 +114,21 @@ class DeliveryStore(Protocol):
         detail: dict[str, Any] | None = None,
     ) -> None:
         """An extra event row (per-device push outcomes and the like)."""
+        ...
+
+    async def destinations(self) -> list[tuple[str, bool, str | None]]:
+        """(origin, disabled, reason) of every destination recorded as failing or disabled."""
+        ...
+
+    async def destination_failing(
+        self, origin: str, error: str, disable_after: float
+    ) -> tuple[bool, float]:
+        """A destination's circuit opened: record it failing (since the first time); disable it
+        when failing for `disable_after` seconds. (disabled just now, seconds failing)."""
+        ...
+
+    async def destination_recovered(self, origin: str) -> None:
+        """A failing (not disabled) destination answered again: forget its failures."""
         ...
 
 

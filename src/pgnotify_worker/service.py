@@ -29,6 +29,7 @@ from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
+from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.dispatcher import Dispatcher
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
 from pgnotify_worker.delivery.templates import TemplateStore
@@ -61,6 +62,7 @@ class Service:
         self.worker: Worker | None = None
         self.store: db.QueueStore | None = None
         self.providers: dict[str, ChannelProviders] = {}
+        self.destinations: Destinations | None = None
         self.jobs: JobRunner | None = None
         self.ready = asyncio.Event()  # set once the worker claims (tests and the CLI wait on it)
         self.listening = asyncio.Event()  # set while the listener is connected and proven
@@ -203,10 +205,20 @@ class Service:
             templates = TemplateStore(store)
             metrics = self.metrics
             tracing = Tracing(enabled=s.tracing)
+            self.destinations = Destinations(
+                {channel: s.destination_cap(channel) for channel in self.providers},
+                threshold=s.circuit_failure_threshold,
+                open_seconds=s.circuit_open_seconds,
+                max_open_seconds=s.retry_max_seconds,
+                disable_after=s.destination_disable_after,
+                store=store,
+                on_refresh=metrics.destinations,
+            )
             failover = Failover(
                 self.providers,
                 on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
                 on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
+                destinations=self.destinations,
             )
             dispatcher = Dispatcher(
                 failover,
@@ -246,7 +258,8 @@ class Service:
             if self._stop_requested.is_set():
                 worker.stop()
 
-            background = []
+            destinations = self.destinations
+            background = [lambda: destinations.watch(s.queue_metrics_interval)]
             if s.listen:
                 listener = Listener(
                     self.listen_dsn,
@@ -427,5 +440,6 @@ class Service:
             "held_claims": len(worker.held) if worker else 0,
             "jobs": await self._jobs_status(),
             "channels": channels,
+            "destinations": self.destinations.describe() if self.destinations else {},
             "queue": queue,
         }

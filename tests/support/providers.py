@@ -16,6 +16,7 @@ from pgnotify_worker.adapters.db import QueueStore
 from pgnotify_worker.core.circuit import CircuitBreaker
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
+from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.dispatcher import Dispatcher
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
 from pgnotify_worker.delivery.templates import TemplateStore
@@ -37,11 +38,18 @@ def make_dispatcher(
     clock: Callable[[], float] = time.monotonic,
     on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
     on_failover: Callable[[str, str], None] = lambda _c, _p: None,
+    destinations: Destinations | None = None,
     **kwargs: Any,
 ) -> Dispatcher:
     """A Dispatcher without a database: send_chain, capacity and deliver (no fan-out) need none."""
     return Dispatcher(
-        Failover(channels, on_circuit=on_circuit, on_failover=on_failover, clock=clock),
+        Failover(
+            channels,
+            on_circuit=on_circuit,
+            on_failover=on_failover,
+            clock=clock,
+            destinations=destinations,
+        ),
         TemplateStore(cast(QueueStore, None)),
         Renderer(),
         RetryPolicy(base=0.05, cap=0.2),

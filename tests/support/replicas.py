@@ -91,6 +91,9 @@ def replica_env(dsn: str, name: str, concurrency: int = 50, **extra: str) -> dic
         "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
         "PGNOTIFY_CHANNELS": "webhook",
         "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
+        # one receiver stands for many customers' endpoints here: no per-endpoint cap (rows
+        # over it would go back to the queue, as retry_scheduled events)
+        "PGNOTIFY_DESTINATION_CONCURRENCY": str(concurrency),
         "PGNOTIFY_POLL_INTERVAL": "1",
         "PGNOTIFY_RETRY_BASE_SECONDS": "0.05",
         "PGNOTIFY_RETRY_MAX_SECONDS": "0.2",

@@ -29,6 +29,9 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
         "queue_metrics_interval": 0.2,
         "grace_period": 5.0,
         "log_format": "text",
+        # one loopback sink stands for many customers' endpoints in most tests: no per-endpoint
+        # cap there (tests/test_destinations.py sets its own)
+        "destination_concurrency": 10_000,
     }
     values.update(overrides)
     return load_settings(**values)

@@ -430,6 +430,28 @@ class QueueStore:
         }
 
     @translated
+    async def destinations(self) -> list[tuple[str, bool, str | None]]:
+        """(origin, disabled, reason) of the destinations recorded as failing or disabled."""
+        rows = await self.pool.fetch(queries.DESTINATIONS)
+        return [(r["origin"], r["disabled"], r["disabled_reason"]) for r in rows]
+
+    @translated
+    async def destination_failing(
+        self, origin: str, error: str, disable_after: float
+    ) -> tuple[bool, float]:
+        """Record a destination failing; (disabled just now, seconds failing)."""
+        row = await self.pool.fetchrow(
+            queries.DESTINATION_FAILING, origin, self._error(error) or "", disable_after
+        )
+        assert row is not None
+        return bool(row["disabled_now"]), float(row["failing_seconds"])
+
+    @translated
+    async def destination_recovered(self, origin: str) -> None:
+        """Forget a failing destination that answered again (a disabled one stays)."""
+        await self.pool.execute(queries.DESTINATION_RECOVERED, origin)
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

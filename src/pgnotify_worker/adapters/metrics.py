@@ -181,6 +181,23 @@ class Metrics:
             registry=r,
         )
 
+        self.destinations_disabled = Gauge(
+            "pgnotify_destinations_disabled",
+            "Destinations (webhook endpoints, push services) disabled after failing for "
+            "PGNOTIFY_DESTINATION_DISABLE_AFTER; their rows fail until re-enabled.",
+            registry=r,
+        )
+        self.destination_circuits_open = Gauge(
+            "pgnotify_destination_circuits_open",
+            "Destinations this worker has paused after failures (open or half-open circuit).",
+            registry=r,
+        )
+
+    def destinations(self, disabled: int, paused: int) -> None:
+        """The destination gauges (refreshed with the destinations table)."""
+        self.destinations_disabled.set(disabled)
+        self.destination_circuits_open.set(paused)
+
     def database(self, health: dict[str, Any]) -> None:
         """The gauges of what holds the queue back: the oldest open transaction (a pinned
         snapshot keeps every dead row) and the dead rows it keeps (refreshed with queue depth)."""

@@ -374,6 +374,38 @@ FROM pg_stat_user_tables
 WHERE schemaname = 'pgnotify' AND relname IN ('notifications', 'events')
 """
 
+# destinations: origin, disabled?, reason of every destination recorded as failing or disabled.
+DESTINATIONS = """
+SELECT origin, disabled_at IS NOT NULL AS disabled, disabled_reason FROM pgnotify.destinations
+"""
+
+# destination_failing: destination $1's circuit opened with error $2: failing since the first
+# time (kept), disabled when failing for $3 seconds or more; (disabled just now, seconds failing).
+DESTINATION_FAILING = """
+WITH up AS (
+    INSERT INTO pgnotify.destinations AS d (origin, last_error)
+    VALUES ($1, $2)
+    ON CONFLICT (origin) DO UPDATE
+    SET last_error = excluded.last_error, last_failure_at = now(), pauses = d.pauses + 1,
+        disabled_at = CASE WHEN d.disabled_at IS NULL
+                            AND now() - d.failing_since >= make_interval(secs => $3)
+                           THEN now() ELSE d.disabled_at END,
+        disabled_reason = CASE WHEN d.disabled_at IS NULL
+                                AND now() - d.failing_since >= make_interval(secs => $3)
+                               THEN format('failing since %s: %s', d.failing_since, $2)
+                               ELSE d.disabled_reason END
+    RETURNING d.disabled_at = now() AS disabled_now, d.failing_since
+)
+SELECT coalesce(disabled_now, false) AS disabled_now,
+       extract(epoch FROM now() - failing_since)::float8 AS failing_seconds
+FROM up
+"""
+
+# destination_recovered: destination $1 answered again: forget it, unless it is disabled.
+DESTINATION_RECOVERED = """
+DELETE FROM pgnotify.destinations WHERE origin = $1 AND disabled_at IS NULL
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -45,6 +45,10 @@ LOG_LEVEL = {
     Event.EXPIRED: logging.INFO,
 }
 
+# A row that waits for its destination (paused after failures, or at its in-flight cap) is
+# routine, not a warning per row.
+WAITING = frozenset({"destination_busy", "destination_paused"})
+
 # The outcome label of pgnotify_notifications_total, by the event an attempt ends with.
 OUTCOME_LABEL = {
     Event.SENT: "sent",
@@ -416,6 +420,8 @@ class Dispatcher:
                 )
             return
         level = LOG_LEVEL.get(resolution.event, logging.ERROR)
+        if resolution.error_code in WAITING:
+            level = logging.DEBUG  # routine: the destination's own pause is logged once
         if not log.isEnabledFor(level):
             return
         log.log(

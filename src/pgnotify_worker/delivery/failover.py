@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
 from pgnotify_worker.core.ratelimit import TokenBucket
+from pgnotify_worker.delivery.destinations import Destination, Destinations
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable
 from pgnotify_worker.ports import Provider
 
@@ -49,8 +50,10 @@ class Failover:
         on_circuit: Callable[[str, CircuitBreaker], None] = lambda _p, _b: None,
         on_failover: Callable[[str, str], None] = lambda _c, _p: None,
         clock: Callable[[], float] = time.monotonic,
+        destinations: Destinations | None = None,
     ) -> None:
         self.channels = channels
+        self.destinations = destinations or Destinations({}, clock=clock)
         self.on_circuit = on_circuit
         self.on_failover = on_failover
         self.clock = clock
@@ -83,9 +86,16 @@ class Failover:
                 "provider_crash", f"provider {provider.name} raised an unexpected error"
             )
 
-    def _record(self, slot: ProviderSlot, outcome: Outcome, before: CircuitState) -> None:
-        """Feed the provider's circuit: an answer closes it, a run of failures opens it."""
+    def _record(
+        self, slot: ProviderSlot, outcome: Outcome, before: CircuitState, *, own: bool = True
+    ) -> None:
+        """Feed the provider's circuit: an answer closes it, a run of failures opens it. A
+        failure of one destination (`own` False) is that destination's, not the provider's:
+        only a trip (provider-wide: bad credentials) counts."""
         breaker = slot.breaker
+        if not own and isinstance(outcome, Retryable) and not outcome.trip:
+            breaker.release()  # a half-open probe ends without a verdict
+            return
         if isinstance(outcome, Retryable) and not outcome.throttled:
             if breaker.failure(self.clock(), outcome.message, trip=outcome.trip):
                 log.warning(
@@ -106,6 +116,17 @@ class Failover:
         if breaker.state is not before:
             self.on_circuit(slot.name, breaker)
 
+    async def _destination(
+        self, slot: ProviderSlot, channel: str, message: RenderedMessage
+    ) -> Destination | Outcome | None:
+        """For a provider that names destinations (webhooks: the URL's origin), a send slot of
+        this one, or why the row waits or fails; None for a single-API provider."""
+        destination_of = getattr(slot.provider, "destination", None)
+        key = destination_of(message.recipient) if destination_of is not None else None
+        if key is None:
+            return None
+        return await self.destinations.admit(key, channel)
+
     async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
         """Try the channel's providers in order: a retryable failure or an open circuit moves on
         to the next; the first answer that is not retryable (or the last failure) wins."""
@@ -122,17 +143,28 @@ class Failover:
             if slot.breaker.state is not before:
                 self.on_circuit(slot.name, slot.breaker)  # open -> half-open: this is the probe
                 before = slot.breaker.state
+            dest = await self._destination(slot, channel, message)
+            if not isinstance(dest, Destination | None):
+                slot.breaker.release()  # a half-open probe that did not go
+                return dest, slot.name  # waits or fails for its destination: no other provider
             outcome: Outcome | None = None
             try:
                 if slot.bucket is not None:
                     wait = slot.bucket.reserve(self.clock())
                     if wait > 0:
                         await asyncio.sleep(wait)
+                started = self.clock()
                 outcome = await self._call(slot.provider, message)
             finally:
                 if outcome is None:  # cancelled before an answer: free the half-open probe
                     slot.breaker.release()
-            self._record(slot, outcome, before)
+                    if dest is not None:
+                        self.destinations.release(dest)
+            if dest is not None:
+                event = self.destinations.finish(dest, outcome, self.clock() - started)
+                if event is not None:
+                    await self.destinations.report(event, dest, message, slot.name)
+            self._record(slot, outcome, before, own=dest is None)
             if moved_on:
                 self.on_failover(channel, slot.name)
             if not isinstance(outcome, Retryable):

@@ -72,6 +72,14 @@ def literal_refusal(url: URL, allowed: Sequence[netguard.IPNetwork], what: str) 
     )
 
 
+def origin(url: URL) -> str:
+    """scheme://host:port of a URL, the port always written (a destination's key)."""
+    host = url.host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{url.scheme}://{host}:{url.port}"
+
+
 def envelope(message: RenderedMessage) -> bytes:
     """The default body: {type, timestamp, data} as Standard Webhooks suggests."""
     created = message.created_at or dt.datetime.now(dt.UTC)
@@ -126,6 +134,16 @@ class WebhookProvider:
         self._session: aiohttp.ClientSession | None = None
         # Parsing and checking a URL costs more than signing it: remember the verdict per URL.
         self._target = functools.lru_cache(maxsize=4096)(self._check_target)
+        self._origin = functools.lru_cache(maxsize=4096)(self._origin_of)
+
+    def destination(self, recipient: str) -> str | None:
+        """The endpoint's origin: breakers, concurrency and disabling are per destination, so
+        one customer's failing or slow endpoint does not hold back the others."""
+        return self._origin(recipient)
+
+    def _origin_of(self, recipient: str) -> str | None:
+        url = self._target(recipient)
+        return None if isinstance(url, Permanent) else origin(url)
 
     async def start(self) -> None:
         self._session = http.make_session(

@@ -17,6 +17,7 @@ from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, revea
 from pgnotify_worker.adapters.providers.webhook import (
     GuardedResolver,
     literal_refusal,
+    origin,
 )
 from pgnotify_worker.core import netguard, webpush
 from pgnotify_worker.core.classify import classify_http
@@ -65,6 +66,14 @@ class WebPushProvider:
     def handles(self, recipient: str) -> bool:
         """Only browser subscriptions (JSON), never FCM tokens."""
         return recipient.startswith("{")
+
+    def destination(self, recipient: str) -> str | None:
+        """The push service's origin (each browser vendor runs its own): isolated per origin."""
+        try:
+            endpoint = URL(webpush.Subscription.parse(recipient).endpoint)
+        except (ValueError, KeyError, TypeError):
+            return None  # send() fails it with the reason
+        return origin(endpoint) if endpoint.host else None
 
     async def start(self) -> None:
         # push services are public hosts: the same guard as webhooks keeps sends off the LAN

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from pgnotify_worker.models import Completion, Notification, Outcome, RenderedMessage, TemplateRow
+from pgnotify_worker.models import (
+    Completion,
+    Notification,
+    Outcome,
+    RenderedMessage,
+    TemplateRow,
+    TokenGrant,
+)
 
 
 @runtime_checkable
@@ -102,6 +109,23 @@ class DeliveryStore(Protocol):
         detail: dict[str, Any] | None = None,
     ) -> None:
         """An extra event row (per-device push outcomes and the like)."""
+        ...
+
+
+class RateLimitStore(Protocol):
+    """Providers' rate limits shared by all replicas (adapters.db.QueueStore, schema 0007).
+    Raises errors.StoreError like DeliveryStore."""
+
+    async def take_tokens(self, provider: str, wanted: int, reserve: bool = False) -> TokenGrant:
+        """Take up to `wanted` tokens now (or, with `reserve`, ahead of time)."""
+        ...
+
+    async def give_back_tokens(self, provider: str, count: int) -> None:
+        """Return granted tokens that were not used."""
+        ...
+
+    async def pause_provider(self, provider: str, seconds: float, reason: str) -> float | None:
+        """Pause a provider for every replica; seconds until the pause ends."""
         ...
 
 

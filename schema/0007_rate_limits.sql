@@ -1,7 +1,10 @@
 -- pgnotify-worker migration 0007: provider rate limits shared by every replica. A provider's
 -- limit is its account's, not a pod's: one row per limited provider holds a token bucket
 -- (refilled by elapsed database time) and a pause (a 429's Retry-After) that every replica's
--- claim loop obeys. The worker upserts the configured rates at start.
+-- claim loop obeys. The worker upserts the configured rates at start. The table is UNLOGGED:
+-- taking tokens commits without waiting for a WAL flush (half the cost of the extra statement
+-- per claim batch with fsync on), and what a crash loses is only a bucket's balance and a pause:
+-- take_tokens recreates a missing row from the rate the worker passes (a standby starts empty).
 -- Idempotent: does nothing when version 7 is recorded.
 BEGIN;
 SELECT pg_advisory_xact_lock(7245390117010512);
@@ -13,7 +16,7 @@ IF EXISTS (SELECT 1 FROM pgnotify.schema_migrations WHERE version = 7) THEN
     RETURN;
 END IF;
 
-CREATE TABLE pgnotify.provider_limits (
+CREATE UNLOGGED TABLE pgnotify.provider_limits (
     provider     text PRIMARY KEY,
     rate         float8 NOT NULL CONSTRAINT provider_limits_rate_positive CHECK (rate > 0),
     burst        float8 NOT NULL CONSTRAINT provider_limits_burst_at_least_1 CHECK (burst >= 1),
@@ -31,11 +34,15 @@ COMMENT ON TABLE pgnotify.provider_limits IS
 -- with `reserve`, take `wanted` tokens even ahead of time (the balance goes negative) and say
 -- when the last one is due. Time is the database's: clock_timestamp() after the row lock, so a
 -- caller that waited for the lock is not credited twice for the same time.
---   granted    tokens taken (a provider without a row is not limited: all of them)
+--   granted    tokens taken (a provider without a row and without p_rate: all of them)
 --   ready_in   seconds until the granted tokens may be used (0 unless reserved ahead)
 --   next_in    seconds until one more token is free (when to ask again)
 --   paused_for seconds the provider is still paused (then nothing is granted)
-CREATE FUNCTION pgnotify.take_tokens(p_provider text, wanted integer, reserve boolean DEFAULT false)
+-- p_rate and p_burst recreate the row when it is missing (after a crash or on a new standby).
+CREATE FUNCTION pgnotify.take_tokens(
+    p_provider text, wanted integer, reserve boolean DEFAULT false,
+    p_rate float8 DEFAULT NULL, p_burst float8 DEFAULT NULL
+)
 RETURNS TABLE (granted integer, ready_in float8, next_in float8, paused_for float8)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -46,6 +53,11 @@ DECLARE
     start_in float8;
 BEGIN
     SELECT * INTO lim FROM pgnotify.provider_limits l WHERE l.provider = p_provider FOR UPDATE;
+    IF NOT FOUND AND p_rate IS NOT NULL THEN
+        INSERT INTO pgnotify.provider_limits (provider, rate, burst, tokens)
+        VALUES (p_provider, p_rate, p_burst, p_burst) ON CONFLICT (provider) DO NOTHING;
+        SELECT * INTO lim FROM pgnotify.provider_limits l WHERE l.provider = p_provider FOR UPDATE;
+    END IF;
     IF NOT FOUND THEN
         RETURN QUERY SELECT wanted, 0::float8, 0::float8, 0::float8;
         RETURN;

@@ -96,6 +96,22 @@ async def test_tokens_are_granted_up_to_the_burst_then_at_the_rate(
     assert (free["granted"], free["next_in"]) == (7, 0)
 
 
+async def test_a_bucket_the_database_lost_is_recreated_from_the_workers_rate(
+    conn: asyncpg.Connection,
+) -> None:
+    # UNLOGGED: a crash empties the table (and a standby never had it); the next take refills
+    assert (
+        await conn.fetchval(
+            "SELECT relpersistence::text FROM pg_class WHERE oid = 'pgnotify.provider_limits'::regclass"
+        )
+        == "u"
+    )
+    took = await conn.fetchrow("SELECT * FROM pgnotify.take_tokens('p', 9, false, 20, 4)")
+    assert took["granted"] == 4  # a full burst, then the rate
+    row = await conn.fetchrow("SELECT rate, burst FROM pgnotify.provider_limits")
+    assert (row["rate"], row["burst"]) == (20, 4)
+
+
 async def test_a_pause_grants_nothing_until_it_ends_then_one_probe(
     conn: asyncpg.Connection,
 ) -> None:
@@ -126,7 +142,9 @@ class FakeLimits:
         self.grants = grants
         self.calls: list[tuple[Any, ...]] = []
 
-    async def take_tokens(self, provider: str, wanted: int, reserve: bool = False) -> TokenGrant:
+    async def take_tokens(
+        self, provider: str, wanted: int, limit: tuple[float, float], reserve: bool = False
+    ) -> TokenGrant:
         self.calls.append(("take", provider, wanted, reserve))
         return self.grants[provider]
 

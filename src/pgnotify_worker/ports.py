@@ -116,8 +116,11 @@ class RateLimitStore(Protocol):
     """Providers' rate limits shared by all replicas (adapters.db.QueueStore, schema 0007).
     Raises errors.StoreError like DeliveryStore."""
 
-    async def take_tokens(self, provider: str, wanted: int, reserve: bool = False) -> TokenGrant:
-        """Take up to `wanted` tokens now (or, with `reserve`, ahead of time)."""
+    async def take_tokens(
+        self, provider: str, wanted: int, limit: tuple[float, float], reserve: bool = False
+    ) -> TokenGrant:
+        """Take up to `wanted` tokens now (or, with `reserve`, ahead of time); `limit` is the
+        (rate, burst) that recreates the provider's bucket if the database lost it."""
         ...
 
     async def give_back_tokens(self, provider: str, count: int) -> None:

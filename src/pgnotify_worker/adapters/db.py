@@ -429,9 +429,14 @@ class QueueStore:
         return row["old_rate"], row["old_burst"]
 
     @translated
-    async def take_tokens(self, provider: str, wanted: int, reserve: bool = False) -> TokenGrant:
-        """Take up to `wanted` tokens of a provider's shared limit (or reserve them ahead)."""
-        row = await self.pool.fetchrow(queries.TAKE_TOKENS, provider, wanted, reserve)
+    async def take_tokens(
+        self, provider: str, wanted: int, limit: tuple[float, float], reserve: bool = False
+    ) -> TokenGrant:
+        """Take up to `wanted` tokens of a provider's shared limit (or reserve them ahead);
+        `limit` (rate, burst) recreates its row if the database lost it."""
+        row = await self.pool.fetchrow(
+            queries.TAKE_TOKENS, provider, wanted, reserve, limit[0], limit[1]
+        )
         assert row is not None
         return TokenGrant(row["granted"], row["ready_in"], row["next_in"], row["paused_for"])
 

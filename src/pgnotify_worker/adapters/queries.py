@@ -388,9 +388,11 @@ SET rate = excluded.rate, burst = excluded.burst, tokens = least(l.tokens, exclu
 RETURNING (SELECT rate FROM before) AS old_rate, (SELECT burst FROM before) AS old_burst
 """
 
-# take_tokens: take up to $2 tokens of provider $1 now (or, $3 true, reserve $2 ahead):
-# granted, ready_in, next_in, paused_for (seconds).
-TAKE_TOKENS = "SELECT granted, ready_in, next_in, paused_for FROM pgnotify.take_tokens($1, $2, $3)"
+# take_tokens: take up to $2 tokens of provider $1 now (or, $3 true, reserve $2 ahead), its row
+# recreated at rate $4 / burst $5 if lost: granted, ready_in, next_in, paused_for (seconds).
+TAKE_TOKENS = """
+SELECT granted, ready_in, next_in, paused_for FROM pgnotify.take_tokens($1, $2, $3, $4, $5)
+"""
 
 # give_back_tokens: return $2 granted but unused tokens to provider $1 (the claim found fewer
 # rows), capped at its burst.

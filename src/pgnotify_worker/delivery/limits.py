@@ -109,7 +109,7 @@ class SharedLimits:
 
     async def take(self, provider: str, wanted: int) -> TokenGrant:
         """Up to `wanted` tokens now (learning of a pause another replica set). StoreError."""
-        grant = await self.store.take_tokens(provider, wanted)
+        grant = await self.store.take_tokens(provider, wanted, self.rates[provider])
         if grant.paused_for > 0:
             self._note_pause(provider, grant.paused_for, "paused: the provider asked to slow down")
         return grant
@@ -139,7 +139,7 @@ class SharedLimits:
         if self._paid.get(notification_id) == provider:
             del self._paid[notification_id]
             return 0.0
-        grant = await self.store.take_tokens(provider, 1, reserve=True)
+        grant = await self.store.take_tokens(provider, 1, self.rates[provider], reserve=True)
         if grant.paused_for > 0:
             self._note_pause(provider, grant.paused_for, "paused: the provider asked to slow down")
             return None

@@ -379,3 +379,13 @@ async def test_an_open_circuit_for_a_while_spends_no_attempt(
     first_failure = webhook_sink.requests[0].at
     during = [r for r in webhook_sink.requests[1:] if r.at - first_failure < 0.95]
     assert during == [], "a request went out while the circuit was open"
+
+
+async def test_a_throttled_answer_without_a_wait_pauses_nobody() -> None:
+    store = FakeLimits({"smtp": TokenGrant(1)})
+    smtp = Answer("smtp", Retryable("smtp_450", "mailbox busy", None, throttled=True))
+    chain = failover(store, smtp, limited=("smtp",))
+    outcome, _ = await chain.send_chain("email", message())
+    assert isinstance(outcome, Retryable) and outcome.throttled
+    assert [c for c in store.calls if c[0] == "pause"] == []  # one mailbox, not the account
+    assert chain.limits is not None and chain.limits.paused_for("smtp") == 0

@@ -8,7 +8,8 @@ provider in failover order whose circuit allows a send and which is not paused),
 claims only what it may send now; tokens the claim could not use are given back. A send that
 fails over to another rate-limited provider reserves a token of that provider first (one round
 trip, only on failover). A 429 of a rate-limited provider pauses it for every replica until its
-Retry-After (or reset header) has passed. A provider without a configured limit (webhooks by
+Retry-After (or reset header) has passed; a throttled answer that names no wait (an SMTP 4xx about
+one mailbox, a bare 429) delays only its row. A provider without a configured limit (webhooks by
 default: many independent receivers) has nothing shared to pause: its 429 delays only its row."""
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pgnotify_worker.models import TokenGrant
 from pgnotify_worker.ports import RateLimitStore
 
 log = logging.getLogger(__name__)
-DEFAULT_PAUSE = 1.0  # a 429 that names no wait pauses its provider this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +81,10 @@ class SharedLimits:
             self._paused[provider] = (until, why)
 
     async def throttled(self, provider: str, retry_after: float | None, reason: str) -> None:
-        """A 429 (or the like): pause the provider for every replica until its wait is over."""
-        if not self.limited(provider):
-            return  # nothing shared: the row waits by itself (its retry is not an attempt)
-        seconds = retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE
+        """A 429 naming its wait: pause the provider for every replica until it is over."""
+        if not self.limited(provider) or retry_after is None or retry_after <= 0:
+            return  # nothing shared to pause: the row waits by itself (spending no attempt)
+        seconds = retry_after
         self._note_pause(provider, seconds, f"rate limited by the provider: {reason}")
         try:
             left = await self.store.pause_provider(provider, seconds, reason)

@@ -334,6 +334,10 @@ async def test_max_attempts_1_and_a_429_ends_sent(
         paused = await conn.fetchval(
             "SELECT paused_until IS NOT NULL FROM pgnotify.provider_limits WHERE provider = 'webhook'"
         )
+        status = await service.status()
+    [shown] = status["rate_limits"]  # /status shows the shared limit
+    assert (shown["provider"], shown["rate"], shown["burst"]) == ("webhook", 20, 1)
+    assert status["channels"]["webhook"]["circuits"]["webhook"]["rate_per_second"] == 20
     assert (row["status"], row["attempts"]) == ("sent", 1)
     assert paused
     first, second = webhook_sink.requests

@@ -1,35 +1,11 @@
-"""Token bucket and circuit breaker: pure, driven by a fake clock."""
+"""Rate limit settings and the circuit breaker: pure, driven by a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
-from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
-
-
-def test_a_burst_goes_at_once_then_the_rate_holds() -> None:
-    bucket = TokenBucket(rate=5, burst=3, updated=100.0)
-    waits = [bucket.reserve(100.0) for _ in range(7)]
-    assert waits[:3] == [0.0, 0.0, 0.0]
-    assert waits[3:] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # queued reservations, 5 per second
-
-
-def test_the_bucket_refills_with_time_up_to_the_burst() -> None:
-    bucket = TokenBucket(rate=2, burst=2, updated=0.0)
-    assert bucket.reserve(0.0) == 0.0 and bucket.reserve(0.0) == 0.0
-    assert bucket.reserve(0.0) == pytest.approx(0.5)
-    assert bucket.reserve(10.0) == 0.0  # refilled (to the burst, not 20 tokens)
-    assert bucket.reserve(10.0) == 0.0
-    assert bucket.reserve(10.0) == pytest.approx(0.5)
-
-
-def test_sustained_rate_over_a_long_run() -> None:
-    bucket = TokenBucket(rate=10, burst=1, updated=0.0)
-    last = 0.0
-    for _ in range(100):
-        last = bucket.reserve(0.0)
-    assert last == pytest.approx(9.9)  # the 100th request leaves after 99 intervals of 0.1 s
+from pgnotify_worker.core.ratelimit import parse_rate
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ particular to each provider."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import email.utils
@@ -32,7 +31,6 @@ from pgnotify_worker.adapters.providers.smtp import Security, SmtpProvider
 from pgnotify_worker.adapters.providers.twilio import TwilioProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
-from pgnotify_worker.core.ratelimit import TokenBucket
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.state import Status, resolve
 from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
@@ -896,26 +894,6 @@ async def test_bad_credentials_trip_at_once_and_fail_over(
     assert len(resend_fake.requests) == 1  # the paused provider is skipped
     assert len(await smtp_fake.wait_for(2)) == 2
     assert dispatcher.capacity("email", 7) == 7  # smtp still takes everything
-
-
-async def test_rate_limit_spaces_requests_at_the_provider(
-    sendgrid: SendGridProvider, sendgrid_fake: FakeSendGrid
-) -> None:
-    limited = ProviderSlot(sendgrid, CircuitBreaker(), TokenBucket(rate=20, burst=1))
-    dispatcher = make_dispatcher({"email": ChannelProviders("email", [limited])})
-    async with asyncio.timeout(10):
-        outcomes = await asyncio.gather(
-            *(dispatcher.send_chain("email", message(f"user{i}@example.com")) for i in range(15))
-        )
-
-    assert all(isinstance(outcome, Sent) for outcome, _ in outcomes)
-    arrivals = sorted(r.at for r in sendgrid_fake.requests)
-    assert len(arrivals) == 15
-    span = arrivals[-1] - arrivals[0]
-    assert span >= 0.65  # 14 gaps of 50 ms
-    assert 0.045 <= span / 14 <= 0.075
-    # no burst: never more than 2 requests inside one 50 ms window
-    assert all(b - a >= 0.05 for a, b in zip(arrivals, arrivals[2:], strict=False))
 
 
 # --- secrets never show up ------------------------------------------------------------------------

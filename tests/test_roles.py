@@ -396,6 +396,11 @@ async def test_the_worker_role_may_run_every_worker_query(
         "DESTINATIONS": (),
         "DESTINATION_FAILING": ("https://hooks.example.com:443", "http_503", 3600.0),
         "DESTINATION_RECOVERED": ("https://hooks.example.com:443",),
+        "LIMIT_UPSERT": ("resend", 5.0, 5.0),
+        "TAKE_TOKENS": ("resend", 1, False, 5.0, 5.0),
+        "GIVE_BACK_TOKENS": ("resend", 1),
+        "PAUSE_PROVIDER": ("resend", 1.0, "429"),
+        "PROVIDER_LIMITS": (),
     }
     assert set(args) == set(queries.ALL) - {"CANCEL", "RETRY"}
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))

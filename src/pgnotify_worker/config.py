@@ -124,7 +124,8 @@ class CoreSettings(BaseSettings):
     )
     rate_limits: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
-        description="Per-provider requests per second and burst, e.g. resend=5/10,twilio=20. "
+        description="Per-provider requests per second and burst, e.g. resend=5/10,twilio=20, "
+        "shared by all replicas (kept in PostgreSQL; give every replica the same value). "
         "Defaults: resend 5/s, sendgrid 100/s, smtp 10/s, twilio 50/s, fcm 500/s, webhook none.",
     )
     circuit_failure_threshold: int = Field(

@@ -114,6 +114,20 @@ class Skipped:
 Outcome = Sent | Retryable | Permanent | Skipped
 
 
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """What a provider's shared rate limit granted (pgnotify.take_tokens).
+
+    `ready_in`: seconds until the granted tokens may be used (0 unless reserved ahead);
+    `next_in`: seconds until one more token is free; `paused_for`: seconds the provider stays
+    paused for every replica (a 429's Retry-After; nothing is granted meanwhile)."""
+
+    granted: int
+    ready_in: float = 0.0
+    next_in: float = 0.0
+    paused_for: float = 0.0
+
+
 # --- wake-ups: the payloads of NOTIFY pgnotify ------------------------------------------------
 
 

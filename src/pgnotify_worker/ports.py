@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from pgnotify_worker.models import Completion, Notification, Outcome, RenderedMessage, TemplateRow
+from pgnotify_worker.models import (
+    Completion,
+    Notification,
+    Outcome,
+    RenderedMessage,
+    TemplateRow,
+    TokenGrant,
+)
 
 
 @runtime_checkable
@@ -129,6 +136,26 @@ class DeliveryStore(Protocol):
 
     async def destination_recovered(self, origin: str) -> None:
         """A failing (not disabled) destination answered again: forget its failures."""
+        ...
+
+
+class RateLimitStore(Protocol):
+    """Providers' rate limits shared by all replicas (adapters.db.QueueStore, schema 0007).
+    Raises errors.StoreError like DeliveryStore."""
+
+    async def take_tokens(
+        self, provider: str, wanted: int, limit: tuple[float, float], reserve: bool = False
+    ) -> TokenGrant:
+        """Take up to `wanted` tokens now (or, with `reserve`, ahead of time); `limit` is the
+        (rate, burst) that recreates the provider's bucket if the database lost it."""
+        ...
+
+    async def give_back_tokens(self, provider: str, count: int) -> None:
+        """Return granted tokens that were not used."""
+        ...
+
+    async def pause_provider(self, provider: str, seconds: float, reason: str) -> float | None:
+        """Pause a provider for every replica; seconds until the pause ends."""
         ...
 
 

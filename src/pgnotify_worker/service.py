@@ -20,7 +20,7 @@ from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.spec import reveal
-from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints
+from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints, share_limits
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.backoff import Backoff
@@ -32,6 +32,7 @@ from pgnotify_worker.core.unsubscribe import make_token
 from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.dispatcher import Dispatcher
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.limits import SharedLimits
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
@@ -219,6 +220,7 @@ class Service:
                 on_circuit=lambda p, b: metrics.circuit_state.labels(p).set(CIRCUIT_GAUGE[b.state]),
                 on_failover=lambda c, p: metrics.child(metrics.failovers, c, p).inc(),
                 destinations=self.destinations,
+                limits=SharedLimits(store, await share_limits(self.providers, store)),
             )
             dispatcher = Dispatcher(
                 failover,
@@ -405,7 +407,7 @@ class Service:
                         "failures_in_a_row": slot.breaker.failures,
                         "last_failure": slot.breaker.reason,
                         "probe_in_seconds": round(slot.breaker.opens_in(time.monotonic()), 1),
-                        "rate_per_second": slot.bucket.rate if slot.bucket else None,
+                        "rate_per_second": slot.rate[0] if slot.rate else None,
                     }
                     for slot in entry.slots
                 },
@@ -418,6 +420,12 @@ class Service:
                 queue = await asyncio.wait_for(self.store.queue_status(), 5)
             except db.DB_ERRORS as exc:
                 queue = {"error": type(exc).__name__}
+        limits: list[dict[str, Any]] | dict[str, str] = []
+        if self.store is not None:
+            try:  # shared by every replica: tokens now and a 429's pause
+                limits = await asyncio.wait_for(self.store.provider_limits(), 5)
+            except db.DB_ERRORS as exc:
+                limits = {"error": type(exc).__name__}
         listener = self.health.listener
         return {
             "worker_id": self.worker_id,
@@ -442,4 +450,5 @@ class Service:
             "channels": channels,
             "destinations": self.destinations.describe() if self.destinations else {},
             "queue": queue,
+            "rate_limits": limits,
         }

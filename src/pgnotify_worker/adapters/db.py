@@ -14,7 +14,7 @@ import asyncpg
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.errors import StoreError, StoreUnavailable
-from pgnotify_worker.models import Completion, Notification, TemplateRow
+from pgnotify_worker.models import Completion, Notification, TemplateRow, TokenGrant
 
 # Errors that mean "the database is unreachable or restarting": retry with back-off.
 DB_UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -455,6 +455,49 @@ class QueueStore:
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]
+
+    # --- shared rate limits (the RateLimitStore port) ------------------------------------------
+
+    @translated
+    async def upsert_limit(
+        self, provider: str, rate: float, burst: float
+    ) -> tuple[float, float] | None:
+        """Store a provider's shared rate and burst; the (rate, burst) stored before, if any."""
+        row = await self.pool.fetchrow(queries.LIMIT_UPSERT, provider, rate, burst)
+        if row is None or row["old_rate"] is None:
+            return None
+        return row["old_rate"], row["old_burst"]
+
+    @translated
+    async def take_tokens(
+        self, provider: str, wanted: int, limit: tuple[float, float], reserve: bool = False
+    ) -> TokenGrant:
+        """Take up to `wanted` tokens of a provider's shared limit (or reserve them ahead);
+        `limit` (rate, burst) recreates its row if the database lost it."""
+        row = await self.pool.fetchrow(
+            queries.TAKE_TOKENS, provider, wanted, reserve, limit[0], limit[1]
+        )
+        assert row is not None
+        return TokenGrant(row["granted"], row["ready_in"], row["next_in"], row["paused_for"])
+
+    @translated
+    async def give_back_tokens(self, provider: str, count: int) -> None:
+        """Return granted tokens the claim did not use."""
+        await self.pool.execute(queries.GIVE_BACK_TOKENS, provider, count)
+
+    @translated
+    async def pause_provider(self, provider: str, seconds: float, reason: str) -> float | None:
+        """Pause a limited provider for every replica; seconds until the pause ends (None when
+        the provider has no shared limit)."""
+        value: float | None = await self.pool.fetchval(
+            queries.PAUSE_PROVIDER, provider, seconds, self._error(reason)
+        )
+        return value
+
+    @translated
+    async def provider_limits(self) -> list[dict[str, Any]]:
+        """Every shared limit with its balance and pause (for /status)."""
+        return [dict(r) for r in await self.pool.fetch(queries.PROVIDER_LIMITS)]
 
     async def alive(self, within: float = 2.0) -> bool:
         """True when a pooled connection answers within `within` seconds."""

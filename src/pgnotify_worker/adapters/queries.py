@@ -406,6 +406,50 @@ DESTINATION_RECOVERED = """
 DELETE FROM pgnotify.destinations WHERE origin = $1 AND disabled_at IS NULL
 """
 
+# --- shared rate limits (schema/0007): one row per limited provider, for every replica ---------
+
+# limit_upsert: store provider $1's rate $2/s and burst $3 (this replica's settings win; the
+# balance is kept, capped at the new burst); returns the rate and burst stored before, if any.
+LIMIT_UPSERT = """
+WITH before AS (SELECT rate, burst FROM pgnotify.provider_limits WHERE provider = $1)
+INSERT INTO pgnotify.provider_limits AS l (provider, rate, burst, tokens)
+VALUES ($1, $2, $3, $3)
+ON CONFLICT (provider) DO UPDATE
+SET rate = excluded.rate, burst = excluded.burst, tokens = least(l.tokens, excluded.burst),
+    updated_at = now()
+RETURNING (SELECT rate FROM before) AS old_rate, (SELECT burst FROM before) AS old_burst
+"""
+
+# take_tokens: take up to $2 tokens of provider $1 now (or, $3 true, reserve $2 ahead), its row
+# recreated at rate $4 / burst $5 if lost: granted, ready_in, next_in, paused_for (seconds).
+TAKE_TOKENS = """
+SELECT granted, ready_in, next_in, paused_for FROM pgnotify.take_tokens($1, $2, $3, $4, $5)
+"""
+
+# give_back_tokens: return $2 granted but unused tokens to provider $1 (the claim found fewer
+# rows), capped at its burst.
+GIVE_BACK_TOKENS = """
+UPDATE pgnotify.provider_limits SET tokens = least(burst, tokens + $2)
+WHERE provider = $1 AND $2 > 0
+"""
+
+# pause_provider: no replica sends through provider $1 for $2 seconds (a 429), reason $3;
+# returns seconds until the (possibly longer, already set) pause ends, NULL when not limited.
+PAUSE_PROVIDER = """
+SELECT extract(epoch FROM until - clock_timestamp())::float8
+FROM pgnotify.pause_provider($1, $2, $3) AS until
+"""
+
+# provider_limits: every shared limit with its current balance and pause, for /status.
+PROVIDER_LIMITS = """
+SELECT provider, rate, burst,
+       least(burst, tokens + rate * greatest(0, extract(epoch FROM now() - refilled_at)))::float8
+           AS tokens,
+       greatest(0, extract(epoch FROM paused_until - now()))::float8 AS paused_for,
+       pause_reason
+FROM pgnotify.provider_limits ORDER BY provider
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

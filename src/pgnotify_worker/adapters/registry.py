@@ -12,7 +12,7 @@ from pgnotify_worker.adapters.providers.catalog import provider_specs
 from pgnotify_worker.adapters.providers.spec import Context
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.circuit import CircuitBreaker
-from pgnotify_worker.core.ratelimit import TokenBucket, parse_rate
+from pgnotify_worker.core.ratelimit import parse_rate
 from pgnotify_worker.delivery.failover import ChannelProviders, ProviderSlot
 from pgnotify_worker.errors import ConfigError, ProviderConfigError
 from pgnotify_worker.ports import Provider
@@ -35,11 +35,37 @@ def _build_one(name: str, channel: str, s: Settings, store: QueueStore) -> Provi
 def _slot(provider: Provider, s: Settings) -> ProviderSlot:
     known = provider_specs().get(provider.name)
     spec = s.rate_limits.get(provider.name, known.default_rate if known else None)
-    bucket = TokenBucket(*parse_rate(spec)) if spec else None
+    rate = parse_rate(spec) if spec else None  # shared by all replicas: delivery.limits
     breaker = CircuitBreaker(
         threshold=s.circuit_failure_threshold, open_seconds=s.circuit_open_seconds
     )
-    return ProviderSlot(provider, breaker, bucket)
+    return ProviderSlot(provider, breaker, rate)
+
+
+async def share_limits(
+    providers: dict[str, ChannelProviders], store: QueueStore
+) -> dict[str, tuple[float, float]]:
+    """Store each rate-limited provider's rate and burst in pgnotify.provider_limits, where
+    every replica takes its tokens; says so when this replica changes what another stored."""
+    rates = {
+        slot.name: slot.rate
+        for entry in providers.values()
+        for slot in entry.slots
+        if slot.rate is not None
+    }
+    for name, (rate, burst) in sorted(rates.items()):
+        before = await store.upsert_limit(name, rate, burst)
+        if before is not None and before != (rate, burst):
+            log.warning(
+                "rate limit of %s changed from %g/%g to %g/%g for every replica "
+                "(give all replicas the same PGNOTIFY_RATE_LIMITS)",
+                name,
+                *before,
+                rate,
+                burst,
+                extra={"action": "rate_limit_changed", "provider": name},
+            )
+    return rates
 
 
 def build_providers(settings: Settings, store: QueueStore) -> dict[str, ChannelProviders]:

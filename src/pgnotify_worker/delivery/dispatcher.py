@@ -19,6 +19,7 @@ from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.state import Event, Resolution, Status, decision_resolution, resolve
 from pgnotify_worker.core.templates import Renderer, TemplateParts, build_context
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
+from pgnotify_worker.delivery.limits import Budget
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.errors import StoreError, TemplateError
 from pgnotify_worker.models import (
@@ -134,6 +135,14 @@ class Dispatcher:
     def blocked_for(self, channel: str) -> float:
         """Seconds until some provider of the channel may be tried again."""
         return self.failover.blocked_for(channel)
+
+    async def budget(self, channel: str, wanted: int) -> Budget:
+        """Tokens of the channel's provider's shared rate limit for a claim (Failover.budget)."""
+        return await self.failover.budget(channel, wanted)
+
+    async def give_back(self, budget: Budget, claimed: list[Notification]) -> None:
+        """Claimed rows keep their tokens; the unused ones go back (Failover.give_back)."""
+        await self.failover.give_back(budget, claimed)
 
     async def send_chain(self, channel: str, message: RenderedMessage) -> tuple[Outcome, str]:
         """Send through the channel's providers in failover order."""
@@ -316,9 +325,12 @@ class Dispatcher:
 
     async def deliver(self, n: Notification) -> Delivery:
         """Render, send, classify; the result is ready for the batched write-back."""
-        with self.tracing.send(n) as span:
-            delivery = await self._deliver(n)
-            self.tracing.annotate(span, outcome=delivery.outcome, provider=delivery.provider)
+        try:
+            with self.tracing.send(n) as span:
+                delivery = await self._deliver(n)
+                self.tracing.annotate(span, outcome=delivery.outcome, provider=delivery.provider)
+        finally:
+            self.failover.settled(n.id)
         return delivery
 
     async def _deliver(self, n: Notification) -> Delivery:

@@ -1,5 +1,5 @@
-"""Failover across a channel's providers: rate limits, circuit breakers, the next provider when
-one fails or is paused."""
+"""Failover across a channel's providers: circuit breakers, shared rate limits (delivery.limits),
+the next provider when one fails or is paused."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgnotify_worker.core.circuit import CircuitBreaker, CircuitState
-from pgnotify_worker.core.ratelimit import TokenBucket
 from pgnotify_worker.delivery.destinations import Destination, Destinations
-from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable
+from pgnotify_worker.delivery.limits import Budget, SharedLimits
+from pgnotify_worker.errors import StoreError
+from pgnotify_worker.models import Notification, Outcome, Permanent, RenderedMessage, Retryable
 from pgnotify_worker.ports import Provider
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProviderSlot:
-    """A provider with its circuit breaker and (optional) rate limit."""
+    """A provider with its circuit breaker and (optional) rate limit: (per second, burst),
+    shared by every replica (delivery.limits)."""
 
     provider: Provider
     breaker: CircuitBreaker
-    bucket: TokenBucket | None
+    rate: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
@@ -51,9 +53,11 @@ class Failover:
         on_failover: Callable[[str, str], None] = lambda _c, _p: None,
         clock: Callable[[], float] = time.monotonic,
         destinations: Destinations | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.channels = channels
         self.destinations = destinations or Destinations({}, clock=clock)
+        self.limits = limits  # None: no rate limit applies (tests of failover alone)
         self.on_circuit = on_circuit
         self.on_failover = on_failover
         self.clock = clock
@@ -71,6 +75,44 @@ class Failover:
         """Seconds until some provider of the channel may be tried again."""
         now = self.clock()
         return min((slot.breaker.opens_in(now) for slot in self.channels[channel].slots), default=0)
+
+    # --- shared rate limits (delivery.limits) ----------------------------------------------------
+
+    async def budget(self, channel: str, wanted: int) -> Budget:
+        """Tokens for a claim of up to `wanted` rows, from the provider the rows will go to: the
+        first in failover order whose circuit allows a send and which is not paused (a pause
+        learnt here moves on to the next). Raises StoreError."""
+        if self.limits is None:
+            return Budget(None, wanted)
+        now = self.clock()
+        waits = []
+        for slot in self.channels[channel].slots:
+            if not slot.breaker.allows(now):
+                continue
+            paused = self.limits.paused_for(slot.name)
+            if paused <= 0 and not self.limits.limited(slot.name):
+                return Budget(None, wanted)
+            if paused <= 0:
+                grant = await self.limits.take(slot.name, wanted)
+                if grant.paused_for <= 0:
+                    return Budget(slot.name, grant.granted, grant.next_in)
+                paused = grant.paused_for
+            waits.append(paused)
+        return Budget(None, 0, min(waits, default=self.blocked_for(channel)))
+
+    async def give_back(self, budget: Budget, claimed: list[Notification]) -> None:
+        """The claimed rows hold their provider's tokens; the rest go back."""
+        if self.limits is not None and budget.provider is not None:
+            self.limits.paid((n.id for n in claimed), budget.provider)
+            await self.limits.give_back(budget.provider, budget.granted - len(claimed))
+
+    def settled(self, notification_id: int) -> None:
+        """A delivery is over: forget its token."""
+        if self.limits is not None:
+            self.limits.forget(notification_id)
+
+    def _paused_for(self, slot: ProviderSlot) -> float:
+        return self.limits.paused_for(slot.name) if self.limits is not None else 0.0
 
     async def _call(self, provider: Provider, message: RenderedMessage) -> Outcome:
         try:
@@ -136,6 +178,9 @@ class Failover:
             handles = getattr(slot.provider, "handles", None)  # an address this provider can use?
             if handles is not None and not handles(message.recipient):
                 continue
+            if self._paused_for(slot) > 0:
+                moved_on = True  # rate-limit pause (a 429): the next provider takes it
+                continue
             before = slot.breaker.state
             if not slot.breaker.acquire(self.clock()):
                 moved_on = True  # paused: the next provider takes it
@@ -149,8 +194,18 @@ class Failover:
                 return dest, slot.name  # waits or fails for its destination: no other provider
             outcome: Outcome | None = None
             try:
-                if slot.bucket is not None:
-                    wait = slot.bucket.reserve(self.clock())
+                if self.limits is not None:
+                    try:
+                        wait = await self.limits.admit(slot.name, message.notification_id)
+                    except StoreError:
+                        return Retryable(
+                            "database",
+                            "rate limit lookup failed: database unavailable",
+                            tried=False,
+                        ), "none"
+                    if wait is None:  # paused by another replica: the next provider takes it
+                        moved_on = True
+                        continue
                     if wait > 0:
                         await asyncio.sleep(wait)
                 started = self.clock()
@@ -165,6 +220,8 @@ class Failover:
                 if event is not None:
                     await self.destinations.report(event, dest, message, slot.name)
             self._record(slot, outcome, before, own=dest is None)
+            if isinstance(outcome, Retryable) and outcome.throttled and self.limits is not None:
+                await self.limits.throttled(slot.name, outcome.retry_after, outcome.message)
             if moved_on:
                 self.on_failover(channel, slot.name)
             if not isinstance(outcome, Retryable):
@@ -180,12 +237,18 @@ class Failover:
         ]
         if not slots:
             return Permanent("no_provider", f"no {channel} provider handles this address"), "none"
-        reasons = "; ".join(f"{slot.name}: {slot.breaker.reason}" for slot in slots)
+        limits = self.limits
+        pauses = [limits.paused_for(slot.name) for slot in slots if limits is not None]
+        reasons = "; ".join(
+            f"{slot.name}: {(limits and limits.pause_reason(slot.name)) or slot.breaker.reason}"
+            for slot in slots
+        )
+        waits = [w for w in (*pauses, self.blocked_for(channel)) if w > 0]
         return (
             Retryable(
-                "circuit_open",
+                "rate_limited" if pauses and all(p > 0 for p in pauses) else "circuit_open",
                 f"every {channel} provider is paused ({reasons})",
-                self.blocked_for(channel) or None,
+                min(waits) if waits else None,
                 tried=False,
             ),
             "none",

@@ -290,8 +290,14 @@ class Worker:
                         state.want_more = True
                     break
                 try:
+                    budget = await self.dispatcher.budget(state.name, take)  # shared rate limit
+                    if budget.granted == 0:  # no token yet, or every provider paused (a 429)
+                        self._wake_later(state, budget.wait)
+                        break
                     with self.tracing.claim(state.name) as span:
-                        rows = await self.store.claim(state.name, take, self.config.lease_seconds)
+                        rows = await self.store.claim(
+                            state.name, budget.granted, self.config.lease_seconds
+                        )
                         self.tracing.annotate(span, rows=len(rows))
                 except Exception as exc:  # a loop outlives any failure
                     self._db_failed("claim", exc)
@@ -300,12 +306,16 @@ class Worker:
                     break
                 backoff.reset()
                 self._db_worked()
+                await self.dispatcher.give_back(budget, rows)
                 self.metrics.claimed_rows(state.name, len(rows))
                 await self.dispatcher.prepare(rows)
                 for n in rows:
                     self._start_send(state, n)
-                if len(rows) < take or take < free:
+                if len(rows) < budget.granted or take < free:
                     break  # nothing more is ready, or the circuit allows no more
+                if budget.granted < take:  # the rate limit allows no more now: ask again then
+                    self._wake_later(state, budget.wait)
+                    break
             if self._stop.is_set():
                 return
 

@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	@echo "--- installing pgnotify-worker with the embedded PostgreSQL into $(VENV) (about 40 MB)"
+	@echo "--- installing pgnotify-worker and its embedded PostgreSQL into $(VENV) (what running needs; make test adds the dev tools)"
 	$(PIP) -e '.[embedded,tracing]'
 	touch $(STAMP)
 

@@ -157,3 +157,27 @@ def test_help_of_every_command_documents_every_argument() -> None:
         for action in sub._actions:
             assert action.help, f"`{name} {action.option_strings or action.dest}` has no help"
         assert name in top.stdout
+
+
+def test_the_run_banner_hides_the_password_and_its_commands_paste() -> None:
+    import shlex
+
+    from pgnotify_worker.cli import banner, parser
+    from pgnotify_worker.config import load_settings
+
+    settings = load_settings(database_url="postgresql://app:S3cretPw@db:5432/app", simulate=True)
+    text = banner(settings, "postgresql://app:S3cretPw@db:5432/app", None, None)
+    assert "S3cretPw" not in text
+    assert "webhook=console inapp=inapp" in text  # simulating: in-app still writes the inbox
+    assert "signed with" not in text and "may reach" not in text  # no webhook provider runs
+    commands = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("  try")]
+    commands += [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("  psql")]
+    assert len(commands) == 2
+    for command in commands:
+        argv = shlex.split(command)  # what a POSIX shell makes of the pasted line
+        assert argv[0].endswith("pgnotify-worker") or argv[1:3] == ["-m", "pgnotify_worker"]
+        rest = argv[1:] if argv[0].endswith("pgnotify-worker") else argv[3:]
+        if rest[0] != "psql":
+            args = parser().parse_args(rest)
+            assert json.loads(args.payload) == {"name": "Ada"}
+            assert args.subject == "Hello {{ name }}"

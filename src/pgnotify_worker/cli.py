@@ -115,9 +115,10 @@ def banner(
         lines.append(f"  webhooks   signed with the dev secret in {secret_file}")
     if webhooks and settings.webhook_allowed_networks:
         lines.append(f"  webhooks   may reach {', '.join(settings.webhook_allowed_networks)}")
-    where = "" if embedded else "  (with the same PGNOTIFY_DATABASE_URL)"
+    if not embedded:  # the commands below find the database the way this worker did
+        lines.append("  shell      the commands below need PGNOTIFY_DATABASE_URL set there too")
     lines.append(f"  try        {cli} {TRY_ARGS}")
-    lines.append(f"  psql       {cli} psql{where}")
+    lines.append(f"  psql       {cli} psql")
     return "\n".join(lines)
 
 

@@ -1,19 +1,38 @@
 # The README's two commands: `make run` and `make test`. Both create .venv on first use.
+# `make run` installs what running needs (the package, the embedded PostgreSQL, the tracing
+# API); `make test` / `make lint` add the development tools. The everyday commands have targets
+# too (make psql, make status); the CLI itself is .venv/bin/pgnotify-worker.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+PIP    := $(BIN)/python -m pip install --progress-bar on --disable-pip-version-check
 
-.PHONY: run test lint fmt bench bench-smoke soak clean node pgbouncer
+.PHONY: run psql status test lint fmt bench bench-smoke min-deps soak clean node pgbouncer
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
+	@echo "--- creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,tracing]'
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "--- installing pgnotify-worker and its embedded PostgreSQL into $(VENV) (what running needs; make test adds the dev tools)"
+	$(PIP) -e '.[embedded,tracing]'
 	touch $(STAMP)
+
+$(DEV): $(STAMP) pyproject.toml
+	@echo "--- installing the development tools (pytest, ruff, mypy, hadolint, ...) into $(VENV)"
+	$(PIP) -e '.[dev,embedded,tracing]'
+	touch $(DEV)
 
 run: $(STAMP)  ## start the worker (embedded PostgreSQL unless PGNOTIFY_DATABASE_URL is set)
 	PGNOTIFY_LOG_FORMAT=$${PGNOTIFY_LOG_FORMAT:-text} $(BIN)/pgnotify-worker run
+
+psql: $(STAMP)  ## psql on the worker's database (starts the embedded one if needed)
+	@$(BIN)/pgnotify-worker psql $(ARGS)
+
+status: $(STAMP)  ## queue per channel and recent errors
+	@$(BIN)/pgnotify-worker status $(ARGS)
 
 NODE_STAMP := examples/node/node_modules/.installed
 
@@ -32,7 +51,7 @@ pgbouncer:
 	   || echo "could not install pgbouncer: the PgBouncer tests are skipped"; \
 	 else echo "pgbouncer not found: the PgBouncer tests are skipped"; fi
 
-lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
+lint: $(DEV)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
@@ -40,30 +59,43 @@ lint: $(STAMP)  ## ruff (lint + format check), mypy, hadolint, manifests and ale
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/check.py
 
-fmt: $(STAMP)
+fmt: $(DEV)
 	$(BIN)/ruff format src tests bench examples
 	$(BIN)/ruff check --fix src tests bench examples
 
 test: lint node pgbouncer  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The declared minimum versions, tested: a separate venv with every runtime dependency pinned to
+# its `>=` minimum from pyproject.toml, running the unit tests and the CLI's --help.
+MIN_VENV := .venv-min
+min-deps:
+	@echo "--- $(MIN_VENV): the runtime dependencies at their declared minimums"
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) .ci/min_constraints.py > $(MIN_VENV)/constraints.txt
+	cat $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  --constraint $(MIN_VENV)/constraints.txt -e . pytest pytest-asyncio pytest-timeout standardwebhooks
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_cli.py -k "core or help"
+
 # The long chaos run (not in CI): 5,500 webhooks through 3 replicas with 10 SIGKILLs, 6 SIGTERMs
 # and 3 PostgreSQL restarts; lost 0, stuck 0, duplicates only after an expired lease.
-soak: $(STAMP)
+soak: $(DEV)
 	PGNOTIFY_CHAOS_ROWS=5500 PGNOTIFY_CHAOS_KILLS=10 PGNOTIFY_CHAOS_TERMS=6 \
 	PGNOTIFY_CHAOS_DB_RESTARTS=3 $(BIN)/python -m pytest -s tests/test_chaos.py $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients
+bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.isolation
 
-bench-smoke: $(STAMP)  ## seconds-long versions for CI; they never fail on a time
+bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
 	$(BIN)/python -m bench.isolation --smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -59,6 +59,8 @@ async def test_enqueue_reports_the_database_error_clearly(dsn: str) -> None:
     assert bad.returncode == 1
     assert "pgnotify: recipient is not a valid email address" in bad.stderr
     assert "hint: expected local@domain.tld" in bad.stderr
+    assert bad.stderr.count("expected local@domain.tld") == 1  # the hint once, no log lines
+    assert bad.stderr.startswith("pgnotify-worker: pgnotify: recipient")
     nul = cli(
         "enqueue",
         "--channel",
@@ -132,7 +134,50 @@ def test_embedded_database_when_no_url_is_set(tmp_path: Path) -> None:
         "enqueue", "--channel", "inapp", "--user-id", "u1", "--body", "hi", env=env, timeout=120
     )
     assert made.returncode == 0, made.stderr
+    assert made.stderr == ""  # quiet unless something is wrong: no "starting embedded" log line
     status = cli("status", "--json", env=env, timeout=120)
     inapp = next(r for r in json.loads(status.stdout)["queue"] if r["channel"] == "inapp")
     assert inapp["ready"] == 1  # the data persisted between runs
     assert (tmp_path / "pgn" / "pgdata" / "PG_VERSION").exists()
+
+
+def test_help_of_every_command_documents_every_argument() -> None:
+    """`--help` works (it needs no database) and no argument goes without a help text."""
+    import argparse
+
+    from pgnotify_worker.cli import parser
+
+    top = cli("--help")
+    assert top.returncode == 0, top.stderr
+    root = parser()
+    commands = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        shown = cli(name, "--help")
+        assert shown.returncode == 0, (name, shown.stderr)
+        for action in sub._actions:
+            assert action.help, f"`{name} {action.option_strings or action.dest}` has no help"
+        assert name in top.stdout
+
+
+def test_the_run_banner_hides_the_password_and_its_commands_paste() -> None:
+    import shlex
+
+    from pgnotify_worker.cli import banner, parser
+    from pgnotify_worker.config import load_settings
+
+    settings = load_settings(database_url="postgresql://app:S3cretPw@db:5432/app", simulate=True)
+    text = banner(settings, "postgresql://app:S3cretPw@db:5432/app", None, None)
+    assert "S3cretPw" not in text
+    assert "webhook=console inapp=inapp" in text  # simulating: in-app still writes the inbox
+    assert "signed with" not in text and "may reach" not in text  # no webhook provider runs
+    commands = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("  try")]
+    commands += [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("  psql")]
+    assert len(commands) == 2
+    for command in commands:
+        argv = shlex.split(command)  # what a POSIX shell makes of the pasted line
+        assert argv[0].endswith("pgnotify-worker") or argv[1:3] == ["-m", "pgnotify_worker"]
+        rest = argv[1:] if argv[0].endswith("pgnotify-worker") else argv[3:]
+        if rest[0] != "psql":
+            args = parser().parse_args(rest)
+            assert json.loads(args.payload) == {"name": "Ada"}
+            assert args.subject == "Hello {{ name }}"

@@ -29,3 +29,57 @@ def test_changelog_has_an_entry_for_this_version() -> None:
     from pgnotify_worker import __version__
 
     assert f"## {__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def readme_python_after(marker: str) -> str:
+    """The first ```python block after `marker` in the README."""
+    rest = README.split(marker, 1)[1]
+    return rest.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_webhook_verify_snippet_accepts_real_signed_bodies(
+    dsn: str, webhook_sink: object, worker_settings: object
+) -> None:
+    """Run the README's Standard Webhooks snippet on what the worker really sent: a JSON event
+    and a text/plain body from a `body` template (which the library's JSON parsing refused)."""
+    import asyncpg
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    from tests.support.webhooks import WEBHOOK_SECRET, WebhookSink
+    from tests.support.worker import running
+
+    assert isinstance(webhook_sink, WebhookSink)
+    snippet = readme_python_after("Verify with any Standard Webhooks library")
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with running(worker_settings()):  # type: ignore[operator]
+            await conn.execute(
+                "SELECT pgnotify.enqueue('webhook', $1, payload => '{\"order\": 7}')",
+                webhook_sink.url + "/json",
+            )
+            await conn.execute(
+                "SELECT pgnotify.enqueue('webhook', $1, body => 'order {{ order }} shipped', "
+                "payload => '{\"order\": 7}')",
+                webhook_sink.url + "/text",
+            )
+            await webhook_sink.wait_for(2)
+    finally:
+        await conn.close()
+    got = {}
+    for request in webhook_sink.requests:
+        scope = {
+            "secret": WEBHOOK_SECRET,
+            "request_body": request.body,
+            "request_headers": {k.lower(): v for k, v in request.headers.items()},
+        }
+        exec(snippet, scope)
+        got[request.path] = scope["event"]
+        tampered = {**scope, "request_body": request.body + b" "}
+        try:
+            exec(snippet, tampered)
+        except WebhookVerificationError:
+            pass
+        else:
+            raise AssertionError("the snippet accepted a tampered body")
+    assert got["/text"] == "order 7 shipped"
+    assert got["/json"]["data"] == {"order": 7}

@@ -97,7 +97,7 @@ async def test_notify_user_skips_channels_without_an_address_or_a_template(
     assert [r["channel"] for r in channels] == [
         "email"
     ]  # no phone, no device; inapp has no template
-    # no channel at all: refused (schema 0007), where it used to be a silent []
+    # no channel at all: refused (schema 0008), where it used to be a silent []
     with pytest.raises(asyncpg.CheckViolationError, match="template 'welcome' exists for email"):
         await conn.fetchval("SELECT pgnotify.notify_user('nobody', NULL, template => 'welcome')")
 

@@ -333,8 +333,9 @@ async def test_a_migration_without_createrole_skips_the_roles_with_a_notice(
 async def test_the_worker_role_may_run_every_worker_query(
     conn: asyncpg.Connection, login_as: LoginAs
 ) -> None:
-    """Every statement of adapters/queries.py, as pgnotify_worker (CANCEL and RETRY are the CLI's
-    admin commands). A new query must be added here, which proves its grants."""
+    """Every statement of adapters/queries.py, as pgnotify_worker (CANCEL, RETRY, REPLAY* and
+    PURGE* are the CLI's admin commands). A new query must be added here, which proves its
+    grants."""
     import datetime
 
     from pgnotify_worker.adapters import queries
@@ -401,8 +402,14 @@ async def test_the_worker_role_may_run_every_worker_query(
         "GIVE_BACK_TOKENS": ("resend", 1),
         "PAUSE_PROVIDER": ("resend", 1.0, "429"),
         "PROVIDER_LIMITS": (),
+        "SHOW_NOTIFICATION": (nid,),
+        "SHOW_TIMELINE": (nid,),
+        "EVENTS_CURSOR": (),
+        "EVENTS_AFTER": (0, 10),
+        "OUTCOME": (nid,),
     }
-    assert set(args) == set(queries.ALL) - {"CANCEL", "RETRY"}
+    admin_only = {"CANCEL", "RETRY", "REPLAY_CANDIDATES", "REPLAY", "PURGE_PREVIEW", "PURGE"}
+    assert set(args) == set(queries.ALL) - admin_only
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))
     try:
         async with worker.transaction():

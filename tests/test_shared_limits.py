@@ -273,9 +273,12 @@ async def test_three_replica_processes_share_one_rate_limit(
     assert len(arrivals) == total  # each once, none refused
     rate = steady_rate(arrivals)
     assert RATE * 0.9 <= rate <= RATE * 1.1, f"{rate:.2f}/s at the receiver, limit {RATE}/s"
-    # burst 1: never two requests much closer than one interval apart, whoever sent them
-    gaps = sorted(b - a for a, b in zip(sorted(arrivals), sorted(arrivals)[2:], strict=False))
-    assert gaps[0] >= 1 / RATE, "three requests inside one token interval"
+    # burst 1: four requests need three token intervals, whoever sent them; never four inside
+    # one interval (three replicas each on its own bucket would do that all the time; arrival
+    # jitter on a busy machine can squeeze a few intervals, not three into one)
+    ordered = sorted(arrivals)
+    gaps = sorted(b - a for a, b in zip(ordered, ordered[3:], strict=False))
+    assert gaps[0] >= 1 / RATE, "four requests inside one token interval"
     by_worker = dict(
         await conn.fetch(
             "SELECT worker, count(*) FROM pgnotify.events WHERE event = 'sent' GROUP BY 1"

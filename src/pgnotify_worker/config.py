@@ -116,8 +116,9 @@ class CoreSettings(BaseSettings):
     )
     simulate: bool = Field(
         False,
-        description="Route every channel to the console dev sink (on by default in the embedded "
-        "`make run`).",
+        description="Route email, sms, push and webhook to the console dev sink (on by default in "
+        "the embedded `make run`); in-app keeps writing pgnotify.inbox (it only touches the "
+        "database).",
     )
     provider_timeout: float = Field(
         15.0, gt=0, description="Seconds an email/SMS/push provider request may take."
@@ -322,8 +323,9 @@ class CoreSettings(BaseSettings):
         return self.destination_concurrency or max(1, self.concurrency_for(channel) // 4)
 
     def providers_for(self, channel: str) -> list[str]:
-        """Provider names of one channel, in failover order (console for all when simulating)."""
-        if self.simulate:
+        """Provider names of one channel, in failover order. Simulating routes every channel that
+        leaves the machine to the console; in-app writes only this database, so it stays real."""
+        if self.simulate and channel != "inapp":
             return ["console"]
         providers: list[str] = getattr(self, f"{channel}_providers")
         return providers

@@ -450,6 +450,64 @@ SELECT provider, rate, burst,
 FROM pgnotify.provider_limits ORDER BY provider
 """
 
+# show_notification: every column of notification $1, for `pgnotify-worker show`.
+SHOW_NOTIFICATION = "SELECT * FROM pgnotify.notifications WHERE id = $1"
+
+# show_timeline: notification $1's steps in order (queued, then its events), for `show`.
+SHOW_TIMELINE = """
+SELECT event, attempt, worker, provider, duration_ms, error_code, error, at
+FROM pgnotify.processing_timeline WHERE notification_id = $1 ORDER BY at, seq
+"""
+
+# events_cursor: the newest event id now, where `tail` starts.
+EVENTS_CURSOR = "SELECT coalesce(max(id), 0) FROM pgnotify.events"
+
+# events_after: up to $2 events with an id above $1, oldest first, with their channel (`tail`).
+EVENTS_AFTER = """
+SELECT e.id, e.notification_id, n.channel, e.event, e.attempt, e.provider, e.duration_ms,
+       e.error_code, e.error, e.created_at
+FROM pgnotify.events e JOIN pgnotify.notifications n ON n.id = e.notification_id
+WHERE e.id > $1 ORDER BY e.id LIMIT $2
+"""
+
+# outcome: notification $1's status, attempts, provider and last error (`send-test` waits on it).
+OUTCOME = """
+SELECT status, attempts, provider, last_error FROM pgnotify.notifications WHERE id = $1
+"""
+
+# replay_candidates: up to $5 rows in statuses $1 (channel $2, category $3, updated since $4; NULL
+# = any), lowest id first: what `replay` would requeue (its --dry-run).
+REPLAY_CANDIDATES = """
+SELECT id, channel, category, status, updated_at, last_error FROM pgnotify.notifications
+WHERE status = ANY($1::text[]) AND ($2::text IS NULL OR channel = $2)
+  AND ($3::text IS NULL OR category = $3) AND ($4::timestamptz IS NULL OR updated_at >= $4)
+ORDER BY id LIMIT $5
+"""
+
+# replay: requeue the rows replay_candidates selects through pgnotify.retry (fresh attempt budget,
+# a replayed event, a wake-up); returns each id and whether it was requeued.
+REPLAY = """
+SELECT m.id, pgnotify.retry(m.id) AS requeued FROM (
+    SELECT id FROM pgnotify.notifications
+    WHERE status = ANY($1::text[]) AND ($2::text IS NULL OR channel = $2)
+      AND ($3::text IS NULL OR category = $3) AND ($4::timestamptz IS NULL OR updated_at >= $4)
+    ORDER BY id LIMIT $5
+) m ORDER BY m.id
+"""
+
+# purge_preview: rows per status that retention would delete now, keeping finished rows for $1
+# and failed/dead ones for $2 (the rule of pgnotify.apply_retention).
+PURGE_PREVIEW = """
+SELECT status, count(*) AS rows FROM pgnotify.notifications
+WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
+       AND updated_at < now() - $1::interval)
+   OR (status IN ('dead', 'failed') AND updated_at < now() - $2::interval)
+GROUP BY status ORDER BY status
+"""
+
+# purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count).
+PURGE = "CALL pgnotify.apply_retention(keep => $1, keep_dead => $2)"
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -96,7 +96,7 @@ async def test_send_test_waits_for_the_outcome_and_tail_follows_events(
     dsn: str, worker_settings: Callable[..., Settings]
 ) -> None:
     env = {"PGNOTIFY_DATABASE_URL": dsn}
-    async with running(worker_settings(channels="email,webhook")):
+    async with running(worker_settings(channels="email,webhook", email_providers="console")):
         tail = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pgnotify_worker", "tail", "--count", "2", "--timeout", "30",
             env={**{k: v for k, v in os.environ.items() if not k.startswith("PGNOTIFY_")}, **env},

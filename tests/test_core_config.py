@@ -42,8 +42,12 @@ def test_defaults() -> None:
     assert s.retry_max_seconds == 3600.0
     assert s.webhook_secret is None
     assert s.webhook_allowed_networks == []
-    assert s.providers_for("email") == ["console"]
+    # no dev sink unless chosen: email, SMS and push have no provider until one is set
+    assert s.providers_for("email") == []
+    assert s.providers_for("sms") == []
+    assert s.providers_for("push") == []
     assert s.providers_for("webhook") == ["webhook"]
+    assert s.providers_for("inapp") == ["inapp"]
     assert s.worker_id
 
 

@@ -529,7 +529,7 @@ async def test_console_sink_prints_the_message_with_a_masked_recipient(
     nid = await conn.fetchval(
         "SELECT pgnotify.enqueue('sms', '+14155550123', body => 'Your code is {{ code }}', payload => '{\"code\": 4711}')"
     )
-    async with running(worker_settings()) as service:
+    async with running(worker_settings(sms_providers="console")) as service:
         await wait_rows(conn, [nid], DONE, service)
     out = capsys.readouterr().out
     assert "Your code is 4711" in out
@@ -605,7 +605,9 @@ async def test_no_secret_or_address_in_logs_status_or_metrics(
         "SELECT pgnotify.enqueue('email', 'ada.lovelace@example.com', subject => 'Hi', body => 'Hi {{ missing }}')"
     )
     await conn.fetchval("SELECT pgnotify.enqueue('sms', '+14155550123', body => '{{ 1/0 }}')")
-    settings = worker_settings(database_url=secret_dsn)
+    settings = worker_settings(
+        database_url=secret_dsn, email_providers="console", sms_providers="console"
+    )
     async with running(settings) as service:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM pgnotify.notifications")]
         await wait_rows(conn, ids, DONE, service)

@@ -139,7 +139,7 @@ async def test_the_worker_queries_are_not_a_producers_to_run(
 
     producer = await asyncpg.connect(await login_as("pgnotify_producer"))
     try:
-        await denied(producer, queries.CLAIM, "email", 10, "w", 30.0)
+        await denied(producer, queries.CLAIM, "email", 10, "w", 30.0, None)
         await denied(producer, queries.REAP, 10)
         await denied(producer, queries.PROMOTE, 10)
         await denied(producer, queries.NEXT_DUE)
@@ -347,7 +347,7 @@ async def test_the_worker_role_may_run_every_worker_query(
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
     arrays = ([nid], [1], ["sent"], ["sent"], [0.0], [None], [None], ["webhook"], [None])
     args: dict[str, tuple[object, ...]] = {
-        "CLAIM": ("email", 10, "w", 30.0),
+        "CLAIM": ("email", 10, "w", 30.0, None),
         "COMPLETE": ("w", *arrays, [1.0], [None], [0], [None]),
         "HEARTBEAT": ("w", [nid], [1], 30.0),
         "RELEASE": ("w", [nid], [1]),
@@ -402,6 +402,8 @@ async def test_the_worker_role_may_run_every_worker_query(
         "GIVE_BACK_TOKENS": ("resend", 1),
         "PAUSE_PROVIDER": ("resend", 1.0, "429"),
         "PROVIDER_LIMITS": (),
+        "MARK_REAL": (["email"],),
+        "REAL_SEEN": (["email"],),
         "SHOW_NOTIFICATION": (nid,),
         "SHOW_TIMELINE": (nid,),
         "EVENTS_CURSOR": (),

@@ -92,16 +92,19 @@ class CoreSettings(BaseSettings):
 
     # --- providers --------------------------------------------------------------------------
     email_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"],
-        description="Email providers in failover order: resend, sendgrid, smtp, console, file.",
+        default_factory=list,
+        description="Email providers in failover order: resend, sendgrid, smtp (console, file: "
+        "dev sinks). None set: email rows wait and /status says why.",
     )
     sms_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"],
-        description="SMS providers in failover order: twilio, console, file.",
+        default_factory=list,
+        description="SMS providers in failover order: twilio (console, file: dev sinks). None "
+        "set: SMS rows wait and /status says why.",
     )
     push_providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["console"],
-        description="Push providers: fcm, webpush (browser subscriptions), console, file.",
+        default_factory=list,
+        description="Push providers: fcm, webpush (browser subscriptions) (console, file: dev "
+        "sinks). None set: push rows wait and /status says why.",
     )
     webhook_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["webhook"],

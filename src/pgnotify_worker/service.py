@@ -41,6 +41,7 @@ from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 JOB_STATUS_ERRORS: tuple[type[Exception], ...] = (*db.DB_ERRORS, TimeoutError)
+MODES_INTERVAL = 30.0  # seconds between delivery-mode stamps (real providers) and floor reads
 CIRCUIT_GAUGE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 
@@ -202,6 +203,7 @@ class Service:
                 self.metrics.channel_enabled.labels(entry.channel).set(
                     0 if entry.disabled_reason else 1
                 )
+            await self._delivery_modes(store)
 
             templates = TemplateStore(store)
             metrics = self.metrics
@@ -261,7 +263,7 @@ class Service:
                 worker.stop()
 
             destinations = self.destinations
-            background = [lambda: destinations.watch(s.queue_metrics_interval)]
+            background = [lambda: destinations.watch(s.queue_metrics_interval), self._modes_loop]
             if s.listen:
                 listener = Listener(
                     self.listen_dsn,
@@ -307,6 +309,50 @@ class Service:
                 extra={"action": "ready"},
             )
             await worker.run(background)
+
+    def _mode_channels(self) -> tuple[list[str], list[str]]:
+        """(channels a real provider serves, channels only dev sinks serve)."""
+        served = [e for e in (self.providers or {}).values() if e.slots]
+        return [e.channel for e in served if not e.dev_only], [
+            e.channel for e in served if e.dev_only
+        ]
+
+    async def _delivery_modes(self, store: db.QueueStore) -> None:
+        """Record the channels a real provider serves; dev-sink channels leave the rows that were
+        enqueued while one did (they wait for a real provider, never "sent" to a console)."""
+        real, dev_only = self._mode_channels()
+        try:
+            await store.mark_real(real)
+            await store.refresh_claim_floors(dev_only)
+        except db.DB_ERRORS as exc:
+            log.warning(
+                "could not record the delivery mode: %s", exc, extra={"action": "modes_failed"}
+            )
+        for channel in dev_only:
+            floor = store.claim_floor.get(channel)
+            log.warning(
+                "channel %s goes to a dev sink (%s): nothing leaves this machine%s",
+                channel,
+                ", ".join(slot.name for slot in (self.providers or {})[channel].slots),
+                f"; rows enqueued up to {floor:%Y-%m-%d %H:%M:%S} UTC, when a real provider "
+                "last served it, wait for a real provider"
+                if floor
+                else "",
+                extra={"action": "dev_sink", "channel": channel},
+            )
+
+    async def _modes_loop(self) -> None:
+        """Keep the delivery modes fresh (a real worker stamps its channels; a dev-sink worker
+        follows the stamps of real workers beside it)."""
+        while True:
+            await asyncio.sleep(MODES_INTERVAL)
+            store = self.store
+            if store is None:
+                continue
+            real, dev_only = self._mode_channels()
+            with contextlib.suppress(*db.DB_ERRORS):
+                await store.mark_real(real)
+                await store.refresh_claim_floors(dev_only)
 
     def _unsubscribe_links(self, key: bytes | None) -> Callable[[str, str | None], str] | None:
         """Links for templates and List-Unsubscribe: needs a key and the public base URL."""

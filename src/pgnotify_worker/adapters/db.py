@@ -131,6 +131,8 @@ class QueueStore:
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
+        # channels served by dev sinks only: rows created up to here belong to real providers
+        self.claim_floor: dict[str, dt.datetime] = {}
         self.scrubber = scrubber or Scrubber()
 
     def _error(self, text: str | None) -> str | None:
@@ -144,7 +146,14 @@ class QueueStore:
     async def claim(self, channel: str, limit: int, lease_seconds: float) -> list[Notification]:
         """Lease up to `limit` ready rows of `channel`; a row that cannot be decoded is failed
         at once with the reason (it never stalls its batch or spends other rows' attempts)."""
-        rows = await self.pool.fetch(queries.CLAIM, channel, limit, self.worker_id, lease_seconds)
+        rows = await self.pool.fetch(
+            queries.CLAIM,
+            channel,
+            limit,
+            self.worker_id,
+            lease_seconds,
+            self.claim_floor.get(channel),
+        )
         claimed: list[Notification] = []
         broken: list[Completion] = []
         for r in rows:
@@ -416,6 +425,20 @@ class QueueStore:
     async def category_is_critical(self, category: str) -> bool:
         """Whether a category is critical (never unsubscribable)."""
         return bool(await self.pool.fetchval(queries.CATEGORY_IS_CRITICAL, category))
+
+    @translated
+    async def mark_real(self, channels: Sequence[str]) -> None:
+        """Channels served by a real provider now: dev sinks leave rows created until now."""
+        if channels:
+            await self.pool.execute(queries.MARK_REAL, list(channels))
+
+    @translated
+    async def refresh_claim_floors(self, dev_only: Sequence[str]) -> None:
+        """Channels this worker serves through dev sinks only claim rows created after a real
+        provider last served them."""
+        if dev_only:
+            rows = await self.pool.fetch(queries.REAL_SEEN, list(dev_only))
+            self.claim_floor = {r["channel"]: r["real_seen_at"] for r in rows}
 
     @translated
     async def database_health(self) -> dict[str, Any]:

@@ -4,13 +4,16 @@ string formatting. Tests prepare each of them against a freshly migrated databas
 from __future__ import annotations
 
 # claim: lease up to $2 ready rows of channel $1 to worker $3 for $4 seconds, in claim order,
-# skipping rows other workers hold, and log a claimed event per row. Producer-set timestamps come
-# back as epoch seconds and the payload as text, so one row the driver could not decode (a date
-# out of Python's range, JSON nested too deep) fails alone instead of failing the whole batch.
+# skipping rows other workers hold, and log a claimed event per row; with $5, only rows created
+# after it (a dev sink never takes what was enqueued while a real provider served the channel).
+# Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
+# driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
+# instead of failing the whole batch.
 CLAIM = """
 WITH ready AS (
     SELECT id FROM pgnotify.notifications
     WHERE status = 'queued' AND channel = $1 AND run_at <= now()
+      AND ($5::timestamptz IS NULL OR created_at > $5)
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -507,6 +510,18 @@ GROUP BY status ORDER BY status
 
 # purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count).
 PURGE = "CALL pgnotify.apply_retention(keep => $1, keep_dead => $2)"
+
+# mark_real: a worker with a real provider serves channels $1 now (dev sinks leave older rows).
+MARK_REAL = """
+INSERT INTO pgnotify.delivery_modes AS m (channel, real_seen_at)
+SELECT unnest($1::text[]), now()
+ON CONFLICT (channel) DO UPDATE SET real_seen_at = greatest(m.real_seen_at, excluded.real_seen_at)
+"""
+
+# real_seen: the last time a real provider served each of channels $1 (dev-sink claim floors).
+REAL_SEEN = """
+SELECT channel, real_seen_at FROM pgnotify.delivery_modes WHERE channel = ANY ($1::text[])
+"""
 
 ALL = {
     name: value

@@ -77,13 +77,24 @@ def build_providers(settings: Settings, store: QueueStore) -> dict[str, ChannelP
     for channel in settings.channels:
         entry = ChannelProviders(channel)
         reasons = []
-        for name in settings.providers_for(channel):
+        names = settings.providers_for(channel)
+        for name in names:
             try:
                 entry.slots.append(_slot(_build_one(name, channel, settings, store), settings))
             except ProviderConfigError as exc:
                 reasons.append(str(exc))
+        specs = provider_specs()
+        entry.dev_only = bool(entry.slots) and all(
+            specs[slot.name].dev_sink for slot in entry.slots if slot.name in specs
+        )
+        if not names:
+            real = sorted(n for n, p in specs.items() if channel in p.channels and not p.dev_sink)
+            reasons.append(
+                f"no provider configured: set PGNOTIFY_{channel.upper()}_PROVIDERS (to one of "
+                f"{', '.join(real)}), or PGNOTIFY_SIMULATE=true to print them to the console"
+            )
         if not entry.slots:
-            entry.disabled_reason = "; ".join(reasons) or "no provider configured"
+            entry.disabled_reason = "; ".join(reasons)
             log.error(
                 "channel %s is off: %s (its rows stay queued)",
                 channel,

@@ -40,6 +40,7 @@ class ChannelProviders:
     channel: str
     slots: list[ProviderSlot] = field(default_factory=list)
     disabled_reason: str | None = None
+    dev_only: bool = False  # every provider is a dev sink (console, file): the user chose that
 
 
 class Failover:

@@ -173,3 +173,8 @@ def test_a_real_failure_at_the_last_attempt_goes_dead() -> None:
     policy = RetryPolicy(base=1.0, cap=10.0)
     resolution = resolve(Retryable("http_503", "down"), 5, 5, policy, 0.5)
     assert (resolution.status, resolution.refund) == (Status.DEAD, False)
+
+
+def test_a_resolution_can_only_be_a_state_a_claimed_row_may_move_to() -> None:
+    with pytest.raises(ValueError, match="cannot become cancelled"):
+        Resolution(Status.CANCELLED, Event.CANCELLED)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import assert_never
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,20 +105,3 @@ def decide(facts: Facts) -> Decision:
     if start is not None and end is not None and now is not None and in_window(now, start, end):
         return Defer(seconds_until(now, end))
     return Send()
-
-
-def describe(decision: Decision) -> str:
-    """A short label for logs and metrics."""
-    match decision:
-        case Send():
-            return "send"
-        case Skip(code=code):
-            return code
-        case Expire():
-            return "expired"
-        case Hold(kind=kind):
-            return f"held_{kind}"
-        case Defer():
-            return "deferred"
-        case _:
-            assert_never(decision)

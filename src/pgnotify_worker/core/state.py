@@ -102,6 +102,12 @@ class Resolution:
     refund: bool = False  # the attempt does not count (held, deferred: nothing was tried)
     hold: str | None = None  # daily | weekly when HELD
 
+    def __post_init__(self) -> None:
+        # every resolution ends a claim: the transition table is the one place that says which
+        # states may follow a claimed (processing) row
+        if not can_move(Status.PROCESSING, self.status):
+            raise ValueError(f"a claimed notification cannot become {self.status.value}")
+
 
 def decision_resolution(decision: Decision) -> Resolution | None:
     """The write-back for a decision taken before any send; None when the row is to be sent."""

@@ -9,7 +9,6 @@ import json
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -205,10 +204,6 @@ class WebhookProvider:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return http.transport_outcome(exc, what)
         return http.classify_answer(answer, what, self.now)
-
-    def describe(self) -> dict[str, Any]:
-        """For /status: nothing secret."""
-        return {"signing_keys": len(self.keys), "allowed_networks": [str(n) for n in self.allowed]}
 
 
 # --- settings and construction (read by the registry and the settings table) -------------------

@@ -393,6 +393,10 @@ async def test_the_worker_role_may_run_every_worker_query(
         "QUEUE_DEAD_TUPLES": (),
         "SCHEMA_EXISTS": (),
         "STATEMENT_TIMEOUT": ("5s",),
+        "WAKE_TAKE": ("webhook",),
+        "WAKE_GIVE_BACK": ("webhook",),
+        "WAKE_HANDOVER_DONE": ("webhook",),
+        "WAKE_OTHERS": ("webhook",),
     }
     assert set(args) == set(queries.ALL) - {"CANCEL", "RETRY"}
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))

@@ -59,16 +59,18 @@ COMMENT ON FUNCTION pgnotify.wake_lock_key IS
 CREATE OR REPLACE FUNCTION pgnotify.validate_notification() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    max_payload integer := coalesce(
-        nullif(current_setting('pgnotify.max_payload_bytes', true), '')::integer, 262144);
+    max_payload integer;
     payload_size integer;
     digits text;
     host text;
     reason text;
     wake integer;
+    fast boolean := false;
+    col text;
+    stamp timestamptz;
 BEGIN
     -- The fast path: a new row as a plain INSERT or enqueue() makes it (the column defaults in
-    -- place, every field within its limits) passes one expression and is returned as it is.
+    -- place, every field within its limits) passes two expressions and is returned as it is.
     -- Anything else -- a NULL to fill in, a future run_at, a value near or over a limit, a host
     -- written as a number -- takes the full path below, which fills in or rejects with the
     -- field-named message. The expression only lets through what the full path accepts unchanged.
@@ -76,7 +78,8 @@ BEGIN
             AND NEW.locked_until IS NULL AND NEW.sent_at IS NULL AND NEW.held_at IS NULL
             AND NEW.created_at = now() AND NEW.updated_at = now() AND NEW.run_at <= now()
             AND NEW.priority IS NOT NULL AND NEW.max_attempts BETWEEN 1 AND 1000
-            AND jsonb_typeof(NEW.payload) = 'object' AND pg_column_size(NEW.payload) <= max_payload
+            AND jsonb_typeof(NEW.payload) = 'object' AND pg_column_size(NEW.payload) <= coalesce(
+                nullif(current_setting('pgnotify.max_payload_bytes', true), '')::integer, 262144)
             AND coalesce(length(NEW.user_id), 0) <= 256 AND octet_length(NEW.recipient) <= 16384
             AND coalesce(length(NEW.template), 0) <= 255 AND coalesce(length(NEW.subject), 0) <= 998
             AND coalesce(octet_length(NEW.body), 0) <= 262144
@@ -86,49 +89,105 @@ BEGIN
             AND btrim(NEW.recipient) <> '' AND NEW.recipient !~ '[[:cntrl:]]'
             AND coalesce(NEW.subject !~ '[\r\n]', true)
             AND coalesce(NEW.locale ~ '^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$', true)
-            AND (CASE NEW.channel  -- in parentheses: PL/pgSQL reads the IF condition up to THEN
-                WHEN 'webhook' THEN length(NEW.recipient) <= 2048
-                    AND NEW.recipient ~* '^https?://[^/?#[:space:]]+([/?#][^[:space:]]*)?$'
-                    -- a host name (no user@, not a number, ASCII): no address to judge here
-                    AND substring(NEW.recipient from '^[^:]+://([^/?#]*)')
-                        ~ '^[A-Za-z][-A-Za-z0-9.]*(:[0-9]{1,5})?$'
-                    AND NEW.recipient !~* '^https?://(169\.254\.[0-9.]+|\[?fd00:ec2::254\]?|metadata\.google\.internal)([:/?#]|$)'
-                WHEN 'inapp' THEN length(NEW.recipient) <= 256
-                WHEN 'email' THEN length(NEW.recipient) <= 254
-                    AND NEW.recipient ~ '^[^[:space:]@"(),:;<>\[\\\]]+@[^[:space:]@"(),:;<>\[\\\].]+(\.[^[:space:]@"(),:;<>\[\\\].]+)+$'
-                    AND (NEW.template IS NOT NULL OR NEW.subject IS NOT NULL
-                         AND (NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL))
-                WHEN 'sms' THEN NEW.recipient ~ '^\+?[0-9() .-]{4,32}$'
-                    AND length(translate(NEW.recipient, '+() .-', '')) BETWEEN 4 AND 15
-                    AND (left(NEW.recipient, 1) <> '+'
-                         OR length(translate(NEW.recipient, '+() .-', '')) >= 7
-                            AND pgnotify.e164_country_code_length(
-                                translate(NEW.recipient, '+() .-', '')) <> 0)
-                    AND coalesce(length(NEW.body), 0) <= 1600
-                    AND (NEW.template IS NOT NULL OR NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL)
-                WHEN 'push' THEN length(NEW.recipient) <= 4096 AND NEW.recipient !~ '[[:space:]]'
-                    AND coalesce(octet_length(NEW.body), 0) <= 4096
-                    AND (NEW.template IS NOT NULL OR NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL)
-                ELSE false
-            END) THEN
-        -- the one lookup: a template must exist for the channel
-        IF NEW.template IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgnotify.templates t
-                WHERE t.key = NEW.template AND t.channel = NEW.channel) THEN
-            PERFORM pgnotify.reject('template', format('unknown template %L for channel %s',
-                left(NEW.template, 100), NEW.channel), 'insert it into pgnotify.templates first');
+            -- what the INSERT triggers of 0002, 0003, 0005 and 0006 checked or filled in
+            AND NEW.run_at >= '2000-01-01 00:00:00+00'
+            AND coalesce(NEW.expires_at BETWEEN '2000-01-01 00:00:00+00'
+                AND now() + interval '10 years', NEW.category IS NULL)
+            AND coalesce(NEW.traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$', true)
+            THEN
+        -- then the channel's own rules: a PL/pgSQL expression is prepared once per transaction
+        -- when first run, so each channel's stands alone and a row pays only for its own
+        IF NEW.channel = 'webhook' THEN
+            wake := 4;  -- pgnotify.wake_lock_key('webhook')
+            fast := length(NEW.recipient) <= 2048
+                AND NEW.recipient ~* '^https?://[^/?#[:space:]]+([/?#][^[:space:]]*)?$'
+                -- a host name (no user@, not a number, ASCII): no address to judge here
+                AND substring(NEW.recipient from '^[^:]+://([^/?#]*)')
+                    ~ '^[A-Za-z][-A-Za-z0-9.]*(:[0-9]{1,5})?$'
+                AND NEW.recipient !~* '^https?://(169\.254\.[0-9.]+|\[?fd00:ec2::254\]?|metadata\.google\.internal)([:/?#]|$)';
+        ELSIF NEW.channel = 'inapp' THEN
+            wake := 5;  -- pgnotify.wake_lock_key('inapp')
+            fast := length(NEW.recipient) <= 256;
+        ELSIF NEW.channel = 'email' THEN
+            wake := 1;  -- pgnotify.wake_lock_key('email')
+            fast := length(NEW.recipient) <= 254
+                AND NEW.recipient ~ '^[^[:space:]@"(),:;<>\[\\\]]+@[^[:space:]@"(),:;<>\[\\\].]+(\.[^[:space:]@"(),:;<>\[\\\].]+)+$'
+                AND (NEW.template IS NOT NULL OR NEW.subject IS NOT NULL
+                     AND (NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL));
+        ELSIF NEW.channel = 'sms' THEN
+            wake := 2;  -- pgnotify.wake_lock_key('sms')
+            fast := NEW.recipient ~ '^\+?[0-9() .-]{4,32}$'
+                AND length(translate(NEW.recipient, '+() .-', '')) BETWEEN 4 AND 15
+                AND (left(NEW.recipient, 1) <> '+'
+                     OR length(translate(NEW.recipient, '+() .-', '')) >= 7
+                        AND pgnotify.e164_country_code_length(
+                            translate(NEW.recipient, '+() .-', '')) <> 0)
+                AND coalesce(length(NEW.body), 0) <= 1600
+                AND (NEW.template IS NOT NULL OR NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL);
+        ELSIF NEW.channel = 'push' THEN
+            wake := 3;  -- pgnotify.wake_lock_key('push')
+            fast := length(NEW.recipient) <= 4096 AND NEW.recipient !~ '[[:space:]]'
+                AND coalesce(octet_length(NEW.body), 0) <= 4096
+                AND (NEW.template IS NOT NULL OR NEW.body IS NOT NULL OR NEW.html_body IS NOT NULL);
         END IF;
-        -- the wake-up (section 2 of this file): hold the hand-over lock until the transaction
-        -- ends; NOTIFY only when no worker holds the channel's wake token
-        wake := pgnotify.wake_lock_key(NEW.channel);
-        PERFORM pg_advisory_xact_lock_shared(72453902, wake);
-        IF pg_try_advisory_lock_shared(72453901, wake) THEN
+    END IF;
+    IF fast THEN
+        -- the one lookup: a template must exist for the channel (nested, so a row without a
+        -- template never runs the query)
+        IF NEW.template IS NOT NULL THEN
+            IF NOT EXISTS (SELECT 1 FROM pgnotify.templates t
+                    WHERE t.key = NEW.template AND t.channel = NEW.channel) THEN
+                PERFORM pgnotify.reject('template', format('unknown template %L for channel %s',
+                    left(NEW.template, 100), NEW.channel), 'insert it into pgnotify.templates first');
+            END IF;
+        END IF;
+        -- the wake-up (section 2 of this file): take the hand-over lock, held until the
+        -- transaction ends (void, so IS NOT NULL is true), then probe the channel's wake token;
+        -- NOTIFY only when no worker holds it
+        IF pg_advisory_xact_lock_shared(72453902, wake) IS NOT NULL
+                AND pg_try_advisory_lock_shared(72453901, wake) THEN
             PERFORM pg_advisory_unlock_shared(72453901, wake);
             PERFORM pg_notify('pgnotify', NEW.channel);
         END IF;
         RETURN NEW;
     END IF;
 
-    -- The full path: as in 0006.
+    -- The full path. First what four INSERT triggers did before this migration, in their order
+    -- (a trigger costs every statement even when its WHEN clause is false):
+    max_payload := coalesce(
+        nullif(current_setting('pgnotify.max_payload_bytes', true), '')::integer, 262144);
+    IF TG_OP = 'INSERT' THEN
+        -- notifications_defaults (0002): a push without a recipient goes to the user's devices
+        IF NEW.channel = 'push' AND NEW.recipient IS NULL AND NEW.user_id IS NOT NULL THEN
+            NEW.recipient := 'user:' || NEW.user_id;
+        END IF;
+        -- notifications_expiry (0003): a category's ttl gives the row its expires_at
+        IF NEW.category IS NOT NULL AND NEW.expires_at IS NULL THEN
+            SELECT now() + c.ttl INTO NEW.expires_at FROM pgnotify.categories c
+            WHERE c.name = NEW.category AND c.ttl IS NOT NULL;
+        END IF;
+        -- notifications_times (0006): finite, from 2000-01-01 to 10 years from now
+        FOREACH col IN ARRAY ARRAY['run_at', 'expires_at'] LOOP
+            stamp := CASE col WHEN 'run_at' THEN NEW.run_at ELSE NEW.expires_at END;
+            IF stamp < '2000-01-01 00:00:00+00' OR stamp > now() + interval '10 years' THEN
+                PERFORM pgnotify.reject_in('notifications', col, format(
+                    '%s must be a finite time from 2000-01-01 to 10 years from now, not %s', col,
+                    CASE WHEN isfinite(stamp) THEN to_char(stamp AT TIME ZONE 'UTC',
+                        'FMYYYY-MM-DD HH24:MI:SS" UTC"') || CASE WHEN stamp < '0001-01-01 00:00:00+00'
+                        THEN ' BC' ELSE '' END ELSE stamp::text END),
+                    CASE col WHEN 'run_at' THEN
+                        'leave run_at out to send now; to hold a notification back, insert it later or cancel it'
+                        WHEN 'expires_at' THEN 'leave expires_at out for no expiry' END);
+            END IF;
+        END LOOP;
+        -- notifications_traceparent (0005)
+        IF NEW.traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
+            PERFORM pgnotify.reject('traceparent', 'traceparent is not a W3C traceparent',
+                'like 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01');
+        END IF;
+    END IF;
+
+    -- Then the full path of 0006.
     IF TG_OP = 'INSERT' THEN
         IF NEW.status IS NOT NULL AND NEW.status NOT IN ('queued', 'scheduled') THEN
             PERFORM pgnotify.reject('status', format(
@@ -298,7 +357,7 @@ BEGIN
         PERFORM pgnotify.reject('max_attempts', format('max_attempts must be between 1 and 1000, not %s',
             NEW.max_attempts));
     END IF;
-    -- notifications_times has checked run_at and expires_at (finite, 2000-01-01 to now + 10 years)
+    -- run_at and expires_at were checked above (finite, 2000-01-01 to now + 10 years)
     IF NEW.run_at IS NULL THEN
         NEW.run_at := now();
     END IF;
@@ -309,8 +368,8 @@ BEGIN
             PERFORM pg_notify('pgnotify', 'scheduled');
         ELSE
             wake := pgnotify.wake_lock_key(NEW.channel);
-            PERFORM pg_advisory_xact_lock_shared(72453902, wake);
-            IF pg_try_advisory_lock_shared(72453901, wake) THEN
+            IF pg_advisory_xact_lock_shared(72453902, wake) IS NOT NULL
+                    AND pg_try_advisory_lock_shared(72453901, wake) THEN
                 PERFORM pg_advisory_unlock_shared(72453901, wake);
                 PERFORM pg_notify('pgnotify', NEW.channel);
             END IF;
@@ -326,6 +385,19 @@ $fn$;
 -- distinct channel and transaction, as before.
 DROP TRIGGER notifications_notify ON pgnotify.notifications;
 DROP FUNCTION pgnotify.notify_inserted();
+-- So do the INSERT triggers with WHEN clauses: PostgreSQL prepares a WHEN clause for every
+-- statement, even when it is false. Their UPDATE halves stay (notifications_times_changed, and
+-- notifications_traceparent for UPDATE OF traceparent); their functions stay.
+DROP TRIGGER notifications_defaults ON pgnotify.notifications;
+DROP TRIGGER notifications_expiry ON pgnotify.notifications;
+DROP TRIGGER notifications_times ON pgnotify.notifications;
+DROP TRIGGER notifications_traceparent ON pgnotify.notifications;
+CREATE TRIGGER notifications_traceparent
+    BEFORE UPDATE OF traceparent ON pgnotify.notifications
+    FOR EACH ROW
+    WHEN (NEW.traceparent IS NOT NULL
+          AND NEW.traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$')
+    EXECUTE FUNCTION pgnotify.reject_traceparent();
 
 -------------------------------------------------------------------------------------------------
 -- 3. enqueue_many(): a JSON array of objects with enqueue()'s argument names; one statement,

@@ -201,7 +201,7 @@ async def test_an_idle_worker_claims_a_single_insert_at_once(
 
 FIELDS = (
     "channel, recipient, user_id, category, template, subject, body, html_body, locale, "
-    "payload, priority, max_attempts, idempotency_key"
+    "payload, priority, max_attempts, idempotency_key, run_at, expires_at, traceparent"
 )
 CASES: list[dict[str, Any]] = [
     {"channel": "webhook", "recipient": "https://hooks.example.com/a?b=1#c"},
@@ -261,24 +261,48 @@ CASES: list[dict[str, Any]] = [
     {"channel": "inapp", "recipient": "u1", "body": "b" * 262145},
     {"channel": "inapp", "recipient": "u1", "html_body": "h" * 1048577},
     {"channel": "inapp", "recipient": "u1", "template": "t" * 256},
+    {"channel": "push", "recipient": None, "user_id": "u1", "body": "hi"},
+    {"channel": "inapp", "recipient": "u1", "category": "chat"},
+    {"channel": "inapp", "recipient": "u1", "category": "short"},
+    {"channel": "inapp", "recipient": "u1", "category": "long"},
+    {"channel": "inapp", "recipient": "u1", "expires_at": "2030-01-01"},
+    {"channel": "inapp", "recipient": "u1", "expires_at": "1999-12-31"},
+    {"channel": "inapp", "recipient": "u1", "expires_at": "infinity"},
+    {"channel": "inapp", "recipient": "u1", "run_at": "1999-12-31"},
+    {"channel": "inapp", "recipient": "u1", "run_at": "2030-01-01"},
+    {"channel": "inapp", "recipient": "u1", "run_at": "-infinity"},
+    {"channel": "inapp", "recipient": "u1", "run_at": "2200-01-01"},
+    {
+        "channel": "inapp",
+        "recipient": "u1",
+        "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+    },
+    {"channel": "inapp", "recipient": "u1", "traceparent": "nope"},
 ]
 
 
 async def _outcome(conn: asyncpg.Connection, case: dict[str, Any], full_path: bool) -> object:
     """The stored row (as the producer set it), or the error, of one INSERT."""
-    values = {"payload": "{}", "priority": 0, "max_attempts": 10, **case}
+    values = {"payload": "{}", "priority": 0, "max_attempts": 10, "run_at": "now", **case}
     columns = FIELDS + (", status" if full_path else "")
     params = [values.get(name.strip()) for name in FIELDS.split(",")]
+    casts = {
+        "payload": "::jsonb",
+        "run_at": "::text::timestamptz",
+        "expires_at": "::text::timestamptz",
+    }
     placeholders = ", ".join(
-        f"${i + 1}::jsonb" if name.strip() == "payload" else f"${i + 1}"
-        for i, name in enumerate(FIELDS.split(","))
+        f"${i + 1}{casts.get(name.strip(), '')}" for i, name in enumerate(FIELDS.split(","))
     )
     extra = ", NULL" if full_path else ""  # status NULL: never the fast path
+    returning = FIELDS.replace(
+        "run_at, expires_at", "run_at = now() AS now, expires_at - now() AS expires_in"
+    )
     try:
         async with conn.transaction():
             row = await conn.fetchrow(
                 f"INSERT INTO pgnotify.notifications ({columns}) VALUES ({placeholders}{extra}) "
-                f"RETURNING {FIELDS}, status, attempts, run_at = now() AS now",
+                f"RETURNING {returning}, status, attempts",
                 *params,
             )
             raise _Rollback(dict(row))  # type: ignore[arg-type]
@@ -301,6 +325,9 @@ async def test_the_fast_path_accepts_exactly_what_the_full_path_accepts(
         "VALUES ('welcome', 'email', 'Hi', 'Hello')"
     )
     await conn.execute("SET pgnotify.webhook_allowed_networks = ''")
+    await conn.execute(
+        "INSERT INTO pgnotify.categories (name, ttl) VALUES ('short', '1 day'), ('long', '20 years')"
+    )
     for case in CASES:
         fast = await _outcome(conn, case, full_path=False)
         full = await _outcome(conn, case, full_path=True)

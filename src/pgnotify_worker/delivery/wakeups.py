@@ -4,10 +4,12 @@ A producer's INSERT notifies only when no worker holds the channel's wake token 
 a worker that holds it must claim again soon by itself, and must not go to sleep while a row that
 skipped the NOTIFY can still commit unseen. Per channel:
 
-- asleep: wait for a wake-up (NOTIFY, the fallback poll, a freed slot). A claim that finds rows
-  takes the token (if no other replica holds it) and the channel is awake.
-- awake: claim again every `tick` seconds; `linger` seconds after the last claim that found rows,
-  give the token back (producers notify again from then on) and settle.
+- asleep: wait for a wake-up (NOTIFY, the fallback poll, a freed slot). A claim that finds
+  several rows -- they arrive faster than one wake-up each -- takes the token (if no other
+  replica holds it) and the channel is awake. A row at a time keeps the NOTIFY: it is cheap
+  then, and the fastest wake-up.
+- awake: claim again every `tick` seconds; `linger` seconds after the last claim that found
+  several rows, give the token back (producers notify again from then on) and settle.
 - settling: claim every `tick` until the hand-over lock is free -- every transaction that
   inserted while the token was held has ended -- then claim once more and sleep.
 
@@ -27,13 +29,14 @@ import anyio
 from pgnotify_worker.ports import DeliveryStore
 
 log = logging.getLogger(__name__)
+BUSY_ROWS = 2  # a claim that finds this many rows: they come faster than wake-ups, stay awake
 
 
 @dataclass
 class _Token:
     held: bool = False
     settling: bool = False
-    last_rows: float = -float("inf")
+    last_busy: float = -float("inf")
 
 
 class Wakeups:
@@ -60,7 +63,7 @@ class Wakeups:
             await wake.wait()
             return
         if token.held:
-            if time.monotonic() - token.last_rows < self.linger:
+            if time.monotonic() - token.last_busy < self.linger:
                 await self._tick(wake)
                 return
             await self._give_back(channel, token)
@@ -73,11 +76,11 @@ class Wakeups:
         await wake.wait()
 
     async def claimed(self, channel: str, rows: int) -> None:
-        """A claim returned `rows` rows: a channel with work keeps (or takes) the token."""
-        if not self.enabled or rows == 0:
+        """A claim returned `rows` rows: a busy channel keeps (or takes) the token."""
+        if not self.enabled or rows < BUSY_ROWS:
             return
         token = self._tokens.setdefault(channel, _Token())
-        token.last_rows = time.monotonic()
+        token.last_busy = time.monotonic()
         if token.held:
             return
         try:

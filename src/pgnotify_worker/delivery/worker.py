@@ -309,10 +309,10 @@ class Worker:
                 backoff.reset()
                 self._db_worked()
                 self.metrics.claimed_rows(state.name, len(rows))
-                await self.wakeups.claimed(state.name, len(rows))
                 await self.dispatcher.prepare(rows)
                 for n in rows:
                     self._start_send(state, n)
+                await self.wakeups.claimed(state.name, len(rows))  # after the sends started
                 if len(rows) < take or take < free:
                     break  # nothing more is ready, or the circuit allows no more
             if self._stop.is_set():

@@ -53,8 +53,9 @@ COMMENT ON FUNCTION pgnotify.wake_lock_key IS
     '(hand-over): 1 email, 2 sms, 3 push, 4 webhook, 5 inapp.';
 
 -------------------------------------------------------------------------------------------------
--- validate_notification(): the fast path first, then the full path of 0006 unchanged; both end
--- with the wake-up decision (NOTIFY only when no worker is awake on the channel).
+-- validate_notification(): the fast path first, then the full path of 0006 (unchanged but for
+-- the folded INSERT triggers and a nested template lookup); both end with the wake-up decision
+-- (NOTIFY only when no worker is awake on the channel).
 -------------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION pgnotify.validate_notification() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
@@ -76,8 +77,9 @@ BEGIN
     -- field-named message. The expression only lets through what the full path accepts unchanged.
     IF TG_OP = 'INSERT' AND NEW.status = 'queued' AND NEW.attempts = 0 AND NEW.locked_by IS NULL
             AND NEW.locked_until IS NULL AND NEW.sent_at IS NULL AND NEW.held_at IS NULL
-            AND NEW.created_at = now() AND NEW.updated_at = now() AND NEW.run_at <= now()
-            AND NEW.priority IS NOT NULL AND NEW.max_attempts BETWEEN 1 AND 1000
+            AND NEW.created_at = now() AND NEW.updated_at = now()
+            AND coalesce(NEW.run_at <= now() AND NEW.run_at >= '2000-01-01 00:00:00+00', true)
+            AND NEW.priority IS NOT NULL AND coalesce(NEW.max_attempts BETWEEN 1 AND 1000, true)
             AND jsonb_typeof(NEW.payload) = 'object' AND pg_column_size(NEW.payload) <= coalesce(
                 nullif(current_setting('pgnotify.max_payload_bytes', true), '')::integer, 262144)
             AND coalesce(length(NEW.user_id), 0) <= 256 AND octet_length(NEW.recipient) <= 16384
@@ -90,7 +92,6 @@ BEGIN
             AND coalesce(NEW.subject !~ '[\r\n]', true)
             AND coalesce(NEW.locale ~ '^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$', true)
             -- what the INSERT triggers of 0002, 0003, 0005 and 0006 checked or filled in
-            AND NEW.run_at >= '2000-01-01 00:00:00+00'
             AND coalesce(NEW.expires_at BETWEEN '2000-01-01 00:00:00+00'
                 AND now() + interval '10 years', NEW.category IS NULL)
             AND coalesce(NEW.traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$', true)
@@ -132,6 +133,11 @@ BEGIN
         END IF;
     END IF;
     IF fast THEN
+        -- enqueue() passes NULL for what it was not given: the defaults the full path would set
+        IF NEW.run_at IS NULL OR NEW.max_attempts IS NULL THEN
+            NEW.run_at := coalesce(NEW.run_at, now());
+            NEW.max_attempts := coalesce(NEW.max_attempts, 10);
+        END IF;
         -- the one lookup: a template must exist for the channel (nested, so a row without a
         -- template never runs the query)
         IF NEW.template IS NOT NULL THEN
@@ -320,10 +326,12 @@ BEGIN
         PERFORM pgnotify.reject('subject', 'an email needs a subject (or a template that has one)',
             'set subject => ''...'' or template => ''key''');
     END IF;
-    IF NEW.template IS NOT NULL AND NOT EXISTS (
-            SELECT 1 FROM pgnotify.templates t WHERE t.key = NEW.template AND t.channel = NEW.channel) THEN
-        PERFORM pgnotify.reject('template', format('unknown template %L for channel %s',
-            left(NEW.template, 100), NEW.channel), 'insert it into pgnotify.templates first');
+    IF NEW.template IS NOT NULL THEN  -- nested: a row without a template runs no query
+        IF NOT EXISTS (SELECT 1 FROM pgnotify.templates t
+                WHERE t.key = NEW.template AND t.channel = NEW.channel) THEN
+            PERFORM pgnotify.reject('template', format('unknown template %L for channel %s',
+                left(NEW.template, 100), NEW.channel), 'insert it into pgnotify.templates first');
+        END IF;
     END IF;
     IF NEW.subject ~ '[\r\n]' THEN
         PERFORM pgnotify.reject('subject', 'subject must not contain line breaks');
@@ -434,7 +442,8 @@ BEGIN
             idempotency_key, traceparent)
         SELECT i.channel, i.recipient, i.template, coalesce(i.payload, '{}'::jsonb), i.subject,
                i.body, i.html_body, i.user_id, i.category, i.locale, coalesce(i.priority, 0),
-               i.run_at, i.max_attempts, i.idempotency_key, i.traceparent
+               coalesce(i.run_at, now()), coalesce(i.max_attempts, 10), i.idempotency_key,
+               i.traceparent
         FROM input i ORDER BY i.n
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING t.id, t.idempotency_key

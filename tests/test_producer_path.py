@@ -270,6 +270,9 @@ CASES: list[dict[str, Any]] = [
     {"channel": "inapp", "recipient": "u1", "expires_at": "infinity"},
     {"channel": "inapp", "recipient": "u1", "run_at": "1999-12-31"},
     {"channel": "inapp", "recipient": "u1", "run_at": "2030-01-01"},
+    {"channel": "inapp", "recipient": "u1", "run_at": None},
+    {"channel": "inapp", "recipient": "u1", "run_at": None, "max_attempts": None},
+    {"channel": "email", "recipient": "ada@example.com", "template": "welcome", "run_at": None},
     {"channel": "inapp", "recipient": "u1", "run_at": "-infinity"},
     {"channel": "inapp", "recipient": "u1", "run_at": "2200-01-01"},
     {

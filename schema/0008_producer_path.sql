@@ -450,11 +450,9 @@ BEGIN
     ), unkeyed AS (
         -- identity values rise in insertion order: the k-th new row without a key is the k-th
         -- element without one
-        SELECT i.n, m.id
-        FROM (SELECT n, row_number() OVER (ORDER BY n) AS k FROM input
-              WHERE idempotency_key IS NULL) i
-        JOIN (SELECT id, row_number() OVER (ORDER BY id) AS k FROM made
-              WHERE idempotency_key IS NULL) m USING (k)
+        SELECT z.n, z.id FROM unnest(
+            ARRAY(SELECT n FROM input WHERE idempotency_key IS NULL ORDER BY n),
+            ARRAY(SELECT id FROM made WHERE idempotency_key IS NULL ORDER BY id)) AS z(n, id)
     ), keyed AS (
         SELECT i.n, coalesce(
             (SELECT m.id FROM made m WHERE m.idempotency_key = i.idempotency_key),

@@ -3,7 +3,7 @@
 -- NOTIFY (PostgreSQL serialises every committing transaction that notified on one global lock),
 -- most of the rest the PL/pgSQL validation trigger.
 --   1. Column defaults (status, priority, max_attempts, run_at, payload) instead of assignments
---      in the trigger, and a fast path in validate_notification(): one expression passes a row
+--      in the trigger, and a fast path in validate_notification(): two expressions pass a row
 --      that needs nothing filled in and nothing rejected; every other row takes the full path of
 --      0006, with the same field-named messages. (A CHECK constraint or a trigger WHEN clause of
 --      the same expression costs more: PostgreSQL prepares those for every statement, PL/pgSQL

@@ -85,17 +85,19 @@ soak: $(DEV)
 	PGNOTIFY_CHAOS_ROWS=5500 PGNOTIFY_CHAOS_KILLS=10 PGNOTIFY_CHAOS_TERMS=6 \
 	PGNOTIFY_CHAOS_DB_RESTARTS=3 $(BIN)/python -m pytest -s tests/test_chaos.py $(PYTEST_ARGS)
 
-bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients
+bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients, the producer's INSERT
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.isolation
+	$(BIN)/python -m bench.producers
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
 	$(BIN)/python -m bench.isolation --smoke
+	$(BIN)/python -m bench.producers --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -304,7 +304,8 @@ async def test_priority_then_age_decides_the_order(
 async def test_trigger_disabled_rows_are_found_by_polling(
     conn: asyncpg.Connection, webhook_sink: WebhookSink, worker_settings: Callable[..., Settings]
 ) -> None:
-    await conn.execute("ALTER TABLE pgnotify.notifications DISABLE TRIGGER notifications_notify")
+    # the wake-up is sent by the validation trigger (schema 0008); without it, only polls find rows
+    await conn.execute("ALTER TABLE pgnotify.notifications DISABLE TRIGGER notifications_validate")
     async with running(worker_settings(poll_interval=0.3)) as service:
         await conn.execute(
             "INSERT INTO pgnotify.notifications (channel, recipient) "

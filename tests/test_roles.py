@@ -409,6 +409,10 @@ async def test_the_worker_role_may_run_every_worker_query(
         "EVENTS_CURSOR": (),
         "EVENTS_AFTER": (0, 10),
         "OUTCOME": (nid,),
+        "WAKE_TAKE": ("webhook",),
+        "WAKE_GIVE_BACK": ("webhook",),
+        "WAKE_HANDOVER_DONE": ("webhook",),
+        "WAKE_OTHERS": ("webhook",),
     }
     admin_only = {"CANCEL", "RETRY", "REPLAY_CANDIDATES", "REPLAY", "PURGE_PREVIEW", "PURGE"}
     assert set(args) == set(queries.ALL) - admin_only

@@ -48,6 +48,11 @@ class CoreSettings(BaseSettings):
     listen: bool = Field(
         True, description="Wake on LISTEN/NOTIFY. false = poll-only (every poll_interval)."
     )
+    wake_tokens: bool = Field(
+        True,
+        description="While busy on a channel, hold its wake token so producers' INSERTs skip the "
+        "NOTIFY (docs/concepts.md). Needs listen; false = producers always notify.",
+    )
     statement_cache_size: int = Field(
         100, ge=0, description="asyncpg prepared-statement cache; 0 behind a transaction pooler."
     )

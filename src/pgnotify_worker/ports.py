@@ -83,6 +83,20 @@ class DeliveryStore(Protocol):
         """Per-channel counts of the queue_status view."""
         ...
 
+    async def wake_token(self, channel: str, hold: bool) -> bool:
+        """Take (hold) or give back the channel's wake token; whether this worker now holds it.
+        While a worker holds it, producers' INSERTs skip the NOTIFY (schema 0008)."""
+        ...
+
+    async def wake_handover_done(self, channel: str) -> bool:
+        """Whether every transaction that inserted into the channel while the token was held has
+        ended (so one more claim sees all their rows)."""
+        ...
+
+    async def wake_others(self, channel: str) -> None:
+        """NOTIFY the channel: other replicas claim (this one stops and gave its token back)."""
+        ...
+
     async def database_health(self) -> dict[str, Any]:
         """Oldest open transaction and dead rows of the queue tables."""
         ...

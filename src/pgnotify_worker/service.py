@@ -191,7 +191,14 @@ class Service:
             stack.push_async_callback(pool.close)
             self.health.db_ok = True
             self.health.db_error = None
-            store = db.QueueStore(pool, self.worker_id, self.scrubber)
+            wake_tokens = s.listen and s.wake_tokens
+            store = db.QueueStore(
+                pool,
+                self.worker_id,
+                self.scrubber,
+                token_dsn=self.listen_dsn if wake_tokens else None,  # a direct connection
+            )
+            stack.push_async_callback(store.close_wake_tokens)
             self.store = store
 
             self.providers = build_providers(s, store)
@@ -255,6 +262,7 @@ class Service:
                     reap_interval=s.reap_interval,
                     grace_period=s.grace_period,
                     queue_metrics_interval=s.queue_metrics_interval,
+                    wake_tokens=wake_tokens,
                 ),
                 tracing,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import json
@@ -127,13 +128,23 @@ class QueueStore:
     credential or address a provider echoed is stored, and codes are short tokens."""
 
     def __init__(
-        self, pool: asyncpg.Pool, worker_id: str, scrubber: Scrubber | None = None
+        self,
+        pool: asyncpg.Pool,
+        worker_id: str,
+        scrubber: Scrubber | None = None,
+        *,
+        token_dsn: str | None = None,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
         # channels served by dev sinks only: rows created up to here belong to real providers
         self.claim_floor: dict[str, dt.datetime] = {}
         self.scrubber = scrubber or Scrubber()
+        # Wake tokens are session locks: they need a direct connection of their own (a
+        # transaction pooler would hand the session to someone else). None: never taken.
+        self.token_dsn = token_dsn
+        self._token_conn: asyncpg.Connection | None = None
+        self._token_lock = asyncio.Lock()
 
     def _error(self, text: str | None) -> str | None:
         return None if text is None else self.scrubber.clean(text)
@@ -521,6 +532,56 @@ class QueueStore:
     async def provider_limits(self) -> list[dict[str, Any]]:
         """Every shared limit with its balance and pause (for /status)."""
         return [dict(r) for r in await self.pool.fetch(queries.PROVIDER_LIMITS)]
+
+    async def _on_token_connection(self, query: str, channel: str) -> bool:
+        """One wake-token statement on the token connection (opened on first use). After any
+        failure the session is ended, which gives back every lock it held."""
+        async with self._token_lock:
+            try:
+                if self._token_conn is None or self._token_conn.is_closed():
+                    assert self.token_dsn is not None
+                    self._token_conn = await asyncpg.connect(
+                        self.token_dsn,
+                        timeout=10,
+                        server_settings={"application_name": "pgnotify-worker wake tokens"},
+                    )
+                return bool(await self._token_conn.fetchval(query, channel, timeout=10))
+            except BaseException:
+                if self._token_conn is not None:
+                    self._token_conn.terminate()
+                    self._token_conn = None
+                raise
+
+    @translated
+    async def wake_token(self, channel: str, hold: bool) -> bool:
+        """Take (hold) or give back the channel's wake token; whether it is now held here."""
+        if self.token_dsn is None:
+            return False
+        if not hold:
+            if self._token_conn is not None:
+                await self._on_token_connection(queries.WAKE_GIVE_BACK, channel)
+            return False
+        return await self._on_token_connection(queries.WAKE_TAKE, channel)
+
+    @translated
+    async def wake_handover_done(self, channel: str) -> bool:
+        """Whether every transaction that inserted into the channel while the token was held has
+        ended."""
+        if self.token_dsn is None:
+            return True
+        return await self._on_token_connection(queries.WAKE_HANDOVER_DONE, channel)
+
+    @translated
+    async def wake_others(self, channel: str) -> None:
+        """NOTIFY the channel so other replicas claim."""
+        await self.pool.execute(queries.WAKE_OTHERS, channel)
+
+    async def close_wake_tokens(self) -> None:
+        """End the token session (every token it held is given back)."""
+        async with self._token_lock:
+            if self._token_conn is not None:
+                self._token_conn.terminate()
+                self._token_conn = None
 
     async def alive(self, within: float = 2.0) -> bool:
         """True when a pooled connection answers within `within` seconds."""

@@ -167,6 +167,23 @@ SELECT channel, ready, scheduled, processing, retrying, dead, failed, held, olde
 FROM pgnotify.queue_status
 """
 
+# wake_take: take channel $1's wake token (schema 0008) without waiting; false when another
+# worker holds it. A session lock on the worker's direct (never pooled) token connection.
+WAKE_TAKE = "SELECT pg_try_advisory_lock(72453901, pgnotify.wake_lock_key($1))"
+
+# wake_give_back: give channel $1's wake token back (false when it was not held).
+WAKE_GIVE_BACK = "SELECT pg_advisory_unlock(72453901, pgnotify.wake_lock_key($1))"
+
+# wake_handover_done: true when no transaction that inserted into channel $1 is still open (each
+# holds the shared hand-over lock until it ends); the exclusive lock is given back at once.
+WAKE_HANDOVER_DONE = """
+SELECT CASE WHEN pg_try_advisory_lock(72453902, pgnotify.wake_lock_key($1))
+            THEN pg_advisory_unlock(72453902, pgnotify.wake_lock_key($1)) ELSE false END
+"""
+
+# wake_others: wake every replica for channel $1 (a stopping worker that held its wake token).
+WAKE_OTHERS = "SELECT pg_notify('pgnotify', $1)"
+
 # ping: a NOTIFY round trip proving the listener connection delivers.
 PING = "SELECT pg_notify($1, $2)"
 

@@ -15,6 +15,7 @@ import anyio
 from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.delivery.dispatcher import Delivery, Dispatcher
 from pgnotify_worker.delivery.templates import TemplateStore
+from pgnotify_worker.delivery.wakeups import Wakeups
 from pgnotify_worker.errors import StoreError, StoreUnavailable
 from pgnotify_worker.models import (
     ListenerState,
@@ -86,6 +87,9 @@ class WorkerSettings:
     grace_period: float = 25.0
     queue_metrics_interval: float = 15.0
     drain_timeout: float = 10.0
+    wake_tokens: bool = False  # hold a channel's wake token while busy (delivery/wakeups.py)
+    awake_tick: float = 0.002
+    awake_linger: float = 0.05
 
 
 class Worker:
@@ -123,6 +127,9 @@ class Worker:
         self._outage = False  # a call found the database unreachable since the last success
         self._renew_now = asyncio.Event()  # heartbeat at once (after an outage)
         self._recovered_at = -float("inf")
+        self.wakeups = Wakeups(
+            store, enabled=config.wake_tokens, tick=config.awake_tick, linger=config.awake_linger
+        )
 
     # --- wake-ups ------------------------------------------------------------------------------
 
@@ -214,6 +221,7 @@ class Worker:
                 log.info("stopping: no new claims", extra={"action": "stopping"})
                 for state in self.channels.values():
                     state.wake.set()
+            await self.wakeups.stop()  # other replicas take over the channels this one watched
             await self._grace()
             with anyio.move_on_after(self.config.drain_timeout):
                 await self._results.join()
@@ -274,7 +282,7 @@ class Worker:
     async def _claim_loop(self, state: ChannelState) -> None:
         backoff = Backoff(0.05, 5.0)
         while True:
-            await state.wake.wait()
+            await self.wakeups.wait(state.name, state.wake)  # NOTIFY, poll, slot, or awake tick
             state.wake.clear()
             while not self._stop.is_set():
                 free = state.limit - state.in_flight
@@ -311,6 +319,7 @@ class Worker:
                 await self.dispatcher.prepare(rows)
                 for n in rows:
                     self._start_send(state, n)
+                await self.wakeups.claimed(state.name, len(rows))  # after the sends started
                 if len(rows) < budget.granted or take < free:
                     break  # nothing more is ready, or the circuit allows no more
                 if budget.granted < take:  # the rate limit allows no more now: ask again then

@@ -339,9 +339,9 @@ def known_metrics() -> set[str]:
     for kind, name in re.findall(r"\b(Counter|Gauge|Histogram|Info)\(\s*\"(pgnotify_\w+)\"", text):
         if kind == "Counter":
             base = name.removesuffix("_total")
-            names |= {f"{base}_total", f"{base}_created"}
+            names.add(f"{base}_total")  # no _created: metrics.py calls disable_created_metrics()
         elif kind == "Histogram":
-            names |= {name, *(f"{name}_{s}" for s in ("bucket", "sum", "count", "created"))}
+            names |= {name, *(f"{name}_{s}" for s in ("bucket", "sum", "count"))}
         elif kind == "Info":
             names.add(f"{name}_info")
         else:
@@ -353,11 +353,25 @@ def known_metrics() -> set[str]:
             names.add(name)
             if "histogram" in first:
                 names |= {f"{name}_{s}" for s in ("bucket", "sum", "count")}
+    # prometheus_client's standard collectors, registered in the worker's registry
+    if "ProcessCollector(" in text:
+        names |= {f"process_{n}" for n in PROCESS_METRICS}
     return names
 
 
+# What ProcessCollector exports (Linux).
+PROCESS_METRICS = (
+    "cpu_seconds_total",
+    "open_fds",
+    "max_fds",
+    "virtual_memory_bytes",
+    "resident_memory_bytes",
+    "start_time_seconds",
+)
+
+
 def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bpgnotify_[a-z0-9_]+\b", expr))
+    return set(re.findall(r"\b(?:pgnotify|process)_[a-z0-9_]+\b", expr))
 
 
 def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -389,6 +389,21 @@ def test_every_alert_has_severity_summary_description_and_a_runbook_anchor_that_
         assert anchor in anchors, f"docs/operations.md has no section #{anchor}"
 
 
+def test_every_aggregation_keeps_the_namespace() -> None:
+    # one Prometheus often watches prod and staging: an aggregation without namespace would let
+    # one hide or mix into the other. Only the fallback "no worker anywhere" is global.
+    for rule in rules():
+        expr = rule["expr"]
+        for labels in re.findall(r"\b(?:sum|max|min|count|avg) by \(([^)]*)\)", expr):
+            assert "namespace" in {label.strip() for label in labels.split(",")}, rule["alert"]
+        if rule["alert"] != "PgnotifyWorkerAbsentEverywhere":
+            assert not re.search(r"\b(?:sum|max|min|count|avg) *\(", expr), rule["alert"]
+            assert "absent(" not in expr, rule["alert"]
+        assert "exported_job" not in expr
+    job_rules = [r for r in rules() if "pgnotify_job_" in r["expr"]]
+    assert job_rules and all("periodic_job" in r["expr"] for r in job_rules)
+
+
 def test_every_alert_has_a_firing_and_a_quiet_promtool_case() -> None:
     tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())
     assert tests["rule_files"] == ["rules.yml"]
@@ -438,8 +453,9 @@ def test_service_monitor_scrapes_the_service_every_15s_with_the_workers_job_labe
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
     assert endpoint["interval"] == "15s"
-    # pgnotify_job_* carry their own `job` label (the periodic job), which the job alerts use
-    assert endpoint["honorLabels"] is True
+    # no worker metric has a `job` label (the periodic job is `periodic_job`): the target's
+    # labels win, and no metric can pose as another namespace
+    assert not endpoint.get("honorLabels")
     # ... while `up` gets job=<Service name>, which PgnotifyWorkerAbsent uses
     absent = next(r for r in rules() if r["alert"] == "PgnotifyWorkerAbsent")
     assert f'job="{service["metadata"]["name"]}"' in absent["expr"]

@@ -326,15 +326,15 @@ def test_autoscalers_count_ready_rows() -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == "pgnotify-worker"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
-    assert (
-        trigger["metadata"]["query"]
-        == "SELECT count(*) FROM pgnotify.notifications WHERE status = 'queued'"
-    )
+    # only rows some worker can send (schema 0013): unconfigured or paused channels never scale
+    assert trigger["metadata"]["query"] == "SELECT ready FROM pgnotify.sendable_backlog"
     auth = one(overlay / "triggerauthentication.yaml", "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     (ref,) = auth["spec"]["secretTargetRef"]
-    assert ref["name"] == "pgnotify-worker-secrets"
-    assert ref["key"] in SECRET_SETTINGS
+    # a read-only role in pgnotify_scaler, never the worker's (or the owner's) credentials
+    assert ref["name"] == "pgnotify-scaler"
+    assert ref["key"] not in SECRET_SETTINGS
+    assert "pgnotify_scaler" in (overlay / "triggerauthentication.yaml").read_text()
     hpa = one(overlay / "hpa" / "hpa.yaml", "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     (metric,) = hpa["spec"]["metrics"]

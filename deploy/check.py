@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Check the deployment artifacts under deploy/ (the Makefile runs `python deploy/check.py`).
 
-(a) kustomize: every kustomization.yaml uses only fields that kustomize v2.0.3 (Debian's kubectl
-    1.20) and v5 both read; deploy/base and every overlay render with `kubectl kustomize`; every
+(a) kustomize: every kustomization.yaml uses only current kustomize v5 fields (no deprecated
+    `bases`, `patchesStrategicMerge`, `commonLabels`); deploy/base and every overlay render with `kubectl kustomize`; every
     rendered object validates offline against the Kubernetes schemas of kubernetes-validate
     (strict: unknown fields are errors); the CRD objects (ServiceMonitor, PrometheusRule,
     ScaledObject, TriggerAuthentication) get a structural check, and the PrometheusRule's groups
@@ -12,11 +12,13 @@
     metrics the worker exports (the README metrics table or adapters/metrics.py).
 
 Prints what failed and exits 1 on any problem. Missing tools: kubectl comes from Debian's
-`kubernetes-client` and promtool from `prometheus`, installed with apt-get when running as root.
+`kubernetes-client` and promtool from `prometheus`, installed with apt-get when running as root
+(Debian 12's kubectl 1.20 is too old for the v5 kustomizations: the check says so; use a current
+kubectl, e.g. from pkgs.k8s.io or the Google Cloud SDK).
 
     python deploy/check.py                       # everything
-    python deploy/check.py --kubectl /x/kubectl  # render with this kubectl (repeatable: e.g. an
-                                                 # old kubectl 1.20 and a new one)
+    python deploy/check.py --kubectl /x/kubectl  # render with this kubectl (repeatable); it needs
+                                                 # kustomize v5 inside (kubectl 1.27 or newer)
     python deploy/check.py --sync-rules          # rewrite base/core/prometheusrule.yaml from
                                                  # prometheus/rules.yml
 """
@@ -45,15 +47,13 @@ DASHBOARD = DEPLOY / "grafana" / "pgnotify-worker.json"
 README = ROOT / "README.md"
 METRICS_PY = ROOT / "src" / "pgnotify_worker" / "adapters" / "metrics.py"
 
-# Fields both kustomize v2.0.3 and v5 read (`bases` only for directories: v2.0.3 refuses a
-# directory under `resources`, v5 still reads `bases`).
+# kustomize v5 fields, none deprecated (v5 warns about bases, patchesStrategicMerge, commonLabels).
 KUSTOMIZATION_FIELDS = {
     "resources",
-    "bases",
-    "patchesStrategicMerge",
+    "patches",
     "images",
     "namespace",
-    "commonLabels",
+    "labels",
 }
 CRD_API = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
@@ -143,15 +143,20 @@ def check_kustomization_fields(report: Report) -> None:
         extra = set(data) - KUSTOMIZATION_FIELDS
         if extra:
             report.fail(
-                f"{rel}: {', '.join(sorted(extra))} not readable by kustomize v2.0.3 "
+                f"{rel}: {', '.join(sorted(extra))} deprecated or unknown in kustomize v5 "
                 f"(use only {', '.join(sorted(KUSTOMIZATION_FIELDS))})"
             )
             continue
-        dirs = [r for r in data.get("resources", []) if (directory / r).is_dir()]
-        if dirs:
-            report.fail(f"{rel}: directories under resources ({dirs}) need `bases` for v2.0.3")
+        missing = [r for r in data.get("resources", []) if not (directory / r).exists()]
+        missing += [
+            p["path"]
+            for p in data.get("patches", [])
+            if "path" in p and not (directory / p["path"]).is_file()
+        ]
+        if missing:
+            report.fail(f"{rel}: missing files or directories {missing}")
             continue
-        report.ok(f"{rel}: kustomize v2.0.3 / v5 fields only")
+        report.ok(f"{rel}: kustomize v5 fields only")
 
 
 def render(kubectl: str, directory: Path) -> tuple[list[dict[str, Any]] | None, str]:
@@ -233,7 +238,7 @@ def check_references(docs: list[dict[str, Any]], where: str, report: Report) -> 
         sa = pod.get("serviceAccountName")
         if sa and not _find(docs, "ServiceAccount", sa):
             problems.append(f"{workload['kind']} uses missing ServiceAccount {sa}")
-        for container in pod["containers"]:
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
             for source in container.get("envFrom", []):
                 ref = source.get("configMapRef")
                 if ref and ref["name"] not in configmaps:
@@ -275,11 +280,30 @@ def check_references(docs: list[dict[str, Any]], where: str, report: Report) -> 
         report.fail(f"{where}: {problem}")
 
 
+def kustomize_major(kubectl: str) -> int | None:
+    """The major version of the kustomize built into this kubectl (None: unknown)."""
+    proc = subprocess.run(  # noqa: S603
+        [kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, check=False
+    )
+    try:
+        found = re.match(r"v?(\d+)", json.loads(proc.stdout).get("kustomizeVersion", ""))
+    except ValueError:
+        return None
+    return int(found.group(1)) if found else None
+
+
 def check_kustomize(kubectls: list[str], report: Report) -> None:
     check_kustomization_fields(report)
     version = k8s_version()
     for kubectl in kubectls:
         label = kubectl
+        major = kustomize_major(kubectl)
+        if major is not None and major < 5:  # noqa: PLR2004
+            report.fail(
+                f"{kubectl}: kustomize v{major} inside; the kustomizations need v5 "
+                "(kubectl 1.27 or newer)"
+            )
+            continue
         for directory in kustomization_dirs():
             where = f"{directory.relative_to(ROOT)} [{label}]"
             docs, error = render(kubectl, directory)
@@ -339,9 +363,9 @@ def known_metrics() -> set[str]:
     for kind, name in re.findall(r"\b(Counter|Gauge|Histogram|Info)\(\s*\"(pgnotify_\w+)\"", text):
         if kind == "Counter":
             base = name.removesuffix("_total")
-            names |= {f"{base}_total", f"{base}_created"}
+            names.add(f"{base}_total")  # no _created: metrics.py calls disable_created_metrics()
         elif kind == "Histogram":
-            names |= {name, *(f"{name}_{s}" for s in ("bucket", "sum", "count", "created"))}
+            names |= {name, *(f"{name}_{s}" for s in ("bucket", "sum", "count"))}
         elif kind == "Info":
             names.add(f"{name}_info")
         else:
@@ -353,11 +377,25 @@ def known_metrics() -> set[str]:
             names.add(name)
             if "histogram" in first:
                 names |= {f"{name}_{s}" for s in ("bucket", "sum", "count")}
+    # prometheus_client's standard collectors, registered in the worker's registry
+    if "ProcessCollector(" in text:
+        names |= {f"process_{n}" for n in PROCESS_METRICS}
     return names
 
 
+# What ProcessCollector exports (Linux).
+PROCESS_METRICS = (
+    "cpu_seconds_total",
+    "open_fds",
+    "max_fds",
+    "virtual_memory_bytes",
+    "resident_memory_bytes",
+    "start_time_seconds",
+)
+
+
 def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bpgnotify_[a-z0-9_]+\b", expr))
+    return set(re.findall(r"\b(?:pgnotify|process)_[a-z0-9_]+\b", expr))
 
 
 def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:

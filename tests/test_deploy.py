@@ -26,14 +26,8 @@ SECRET_SETTINGS = {
     for name, field in Settings.model_fields.items()
     if "SecretStr" in str(field.annotation)
 }
-KUSTOMIZE_V2_FIELDS = {
-    "resources",
-    "bases",
-    "patchesStrategicMerge",
-    "images",
-    "namespace",
-    "commonLabels",
-}
+# kustomize v5, nothing deprecated (no bases, patchesStrategicMerge, commonLabels)
+KUSTOMIZE_V5_FIELDS = {"resources", "patches", "images", "namespace", "labels"}
 
 
 def docs_in(path: Path) -> list[dict[str, Any]]:
@@ -86,14 +80,15 @@ def effective(directory: Path, kind: str, name: str) -> dict[str, Any] | None:
     """One object as a kustomization builds it: its bases' version with its own patches merged."""
     spec = kustomization(directory)
     found = None
-    for base in spec.get("bases", []):
-        found = effective((directory / base).resolve(), kind, name) or found
     for resource in spec.get("resources", []):
+        if (directory / resource).is_dir():
+            found = effective((directory / resource).resolve(), kind, name) or found
+            continue
         for doc in docs_in(directory / resource):
             if doc["kind"] == kind and doc["metadata"]["name"] == name:
                 found = doc
-    for patch in spec.get("patchesStrategicMerge", []):
-        for doc in docs_in(directory / patch):
+    for patch in spec.get("patches", []):
+        for doc in docs_in(directory / patch["path"]):
             if found is not None and doc["kind"] == kind and doc["metadata"]["name"] == name:
                 found = merged(found, doc)
     return found
@@ -108,7 +103,7 @@ def container(workload: dict[str, Any]) -> dict[str, Any]:
 # --- kustomize ----------------------------------------------------------------------------------
 
 
-def test_kustomizations_use_only_fields_kustomize_v2_and_v5_both_read() -> None:
+def test_kustomizations_use_only_current_kustomize_v5_fields() -> None:
     dirs = kustomization_dirs()
     assert {d.relative_to(DEPLOY).as_posix() for d in dirs} >= {
         "base",
@@ -119,14 +114,13 @@ def test_kustomizations_use_only_fields_kustomize_v2_and_v5_both_read() -> None:
     }
     for directory in dirs:
         spec = kustomization(directory)
-        assert set(spec) <= KUSTOMIZE_V2_FIELDS, directory
+        assert set(spec) <= KUSTOMIZE_V5_FIELDS, directory
         for resource in spec.get("resources", []):
-            assert (directory / resource).is_file(), f"{directory}: v2.0.3 needs files here"
-        for base in spec.get("bases", []):
-            assert (directory / base / "kustomization.yaml").is_file(), directory
-        for patch in spec.get("patchesStrategicMerge", []):
-            text = (directory / patch).read_text()
-            assert "$patch: delete" not in text, "kustomize v2.0.3 leaves an empty object"
+            target = directory / resource
+            assert target.is_file() or (target / "kustomization.yaml").is_file(), target
+        for patch in spec.get("patches", []):
+            assert set(patch) == {"path"}, patch  # strategic-merge files, target by their name
+            assert (directory / patch["path"]).is_file(), patch
 
 
 def test_production_overlays_never_ship_the_example_secret() -> None:
@@ -151,13 +145,12 @@ def test_every_env_var_named_is_a_real_setting(overlay: str) -> None:
     assert config is not None
     assert set(config["data"]) <= SETTINGS, set(config["data"]) - SETTINGS
     assert not set(config["data"]) & SECRET_SETTINGS, "credentials belong in the Secret"
-    for workload in (
-        effective(DEPLOY / overlay, "Deployment", "pgnotify-worker"),
-        effective(DEPLOY / overlay, "Job", "pgnotify-migrate"),
-    ):
+    for workload in (effective(DEPLOY / overlay, "Deployment", "pgnotify-worker"),):
         assert workload is not None
-        names = {e["name"] for e in container(workload).get("env", [])}
-        assert names <= SETTINGS, names - SETTINGS
+        pod = workload["spec"]["template"]["spec"]
+        for each in [*pod.get("initContainers", []), *pod["containers"]]:
+            names = {e["name"] for e in each.get("env", [])}
+            assert names <= SETTINGS, names - SETTINGS
 
 
 def test_settings_mentioned_anywhere_in_the_manifests_are_real_too() -> None:
@@ -174,7 +167,7 @@ def test_the_configuration_is_accepted_by_the_worker(
     overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = effective(DEPLOY / overlay, "ConfigMap", "pgnotify-worker")
-    secret = one(DEPLOY / "base" / "secret.example.yaml", "Secret")
+    secret = one(DEPLOY / "base" / "secret.example.yaml", "Secret", "pgnotify-worker-secrets")
     assert config is not None
     for name in SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -210,21 +203,33 @@ def test_termination_grace_exceeds_the_worker_grace_period(overlay: str) -> None
     assert kill_after > grace + 10
 
 
-def test_migrations_run_in_the_job_not_in_the_replicas() -> None:
+def test_migrations_run_in_an_init_container_as_the_owner_not_in_the_worker() -> None:
     deployment = one(CORE / "deployment.yaml", "Deployment")
-    job = one(CORE / "migrate-job.yaml", "Job", "pgnotify-migrate")
+    pod = deployment["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in container(deployment)["env"]}
     assert env["PGNOTIFY_MIGRATE_ON_START"] == "false"
-    migrate = container(job)
+    (migrate,) = pod["initContainers"]
     assert migrate["image"] == container(deployment)["image"]
     assert migrate["command"] + migrate["args"] == ["pgnotify-worker", "migrate"]
     assert container(deployment)["command"] + container(deployment)["args"] == [
         "pgnotify-worker",
         "run",
     ]
-    assert job["spec"]["backoffLimit"] >= 1
-    assert job["spec"]["ttlSecondsAfterFinished"] > 0
-    assert job["spec"]["template"]["spec"]["restartPolicy"] in {"Never", "OnFailure"}
+    # the owner's URL goes to the init container only; the worker never sees that Secret
+    (url,) = migrate["env"]
+    assert url["name"] == "PGNOTIFY_DATABASE_URL"
+    assert url["valueFrom"]["secretKeyRef"] == {
+        "name": "pgnotify-worker-migrate",
+        "key": "PGNOTIFY_DATABASE_URL",
+    }
+    assert not any("secretRef" in source for source in migrate["envFrom"])
+    assert "pgnotify-worker-migrate" not in yaml.safe_dump(pod["containers"])
+    # no Job any more: nothing immutable to delete by hand on a release
+    for directory in kustomization_dirs():
+        for path in directory.glob("*.yaml"):
+            assert all(d.get("kind") != "Job" for d in docs_in(path)), path
+    example = one(DEPLOY / "base" / "secret.example.yaml", "Secret", "pgnotify-worker-migrate")
+    assert set(example["stringData"]) == {"PGNOTIFY_DATABASE_URL"}
 
 
 def test_probes_hit_healthz_and_readyz_on_the_http_port() -> None:
@@ -273,10 +278,11 @@ def test_rollout_keeps_capacity_and_spreads_replicas() -> None:
     assert scaled is not None and "replicas" not in scaled["spec"], "the autoscaler owns it"
 
 
-@pytest.mark.parametrize("path", ["deployment.yaml", "migrate-job.yaml"])
-def test_pods_are_hardened(path: str) -> None:
-    workload = next(d for d in docs_in(CORE / path) if d["kind"] in {"Deployment", "Job"})
+@pytest.mark.parametrize("which", ["containers", "initContainers"])
+def test_pods_are_hardened(which: str) -> None:
+    workload = one(CORE / "deployment.yaml", "Deployment")
     pod = workload["spec"]["template"]["spec"]
+    (each,) = pod[which]
     assert pod["automountServiceAccountToken"] is False
     assert pod["enableServiceLinks"] is False  # no PGNOTIFY_WORKER_* service variables
     assert pod["securityContext"] == {
@@ -286,14 +292,14 @@ def test_pods_are_hardened(path: str) -> None:
         "fsGroup": 10001,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    context = container(workload)["securityContext"]
+    context = each["securityContext"]
     assert context["runAsNonRoot"] is True
     assert context["runAsUser"] == context["runAsGroup"] == 10001
     assert context["readOnlyRootFilesystem"] is True
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-    mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
+    mounts = {m["mountPath"]: m["name"] for m in each["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
     account = one(CORE / "serviceaccount.yaml", "ServiceAccount")
@@ -320,15 +326,15 @@ def test_autoscalers_count_ready_rows() -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == "pgnotify-worker"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
-    assert (
-        trigger["metadata"]["query"]
-        == "SELECT count(*) FROM pgnotify.notifications WHERE status = 'queued'"
-    )
+    # only rows some worker can send (schema 0014): unconfigured or paused channels never scale
+    assert trigger["metadata"]["query"] == "SELECT ready FROM pgnotify.sendable_backlog"
     auth = one(overlay / "triggerauthentication.yaml", "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     (ref,) = auth["spec"]["secretTargetRef"]
-    assert ref["name"] == "pgnotify-worker-secrets"
-    assert ref["key"] in SECRET_SETTINGS
+    # a read-only role in pgnotify_scaler, never the worker's (or the owner's) credentials
+    assert ref["name"] == "pgnotify-scaler"
+    assert ref["key"] not in SECRET_SETTINGS
+    assert "pgnotify_scaler" in (overlay / "triggerauthentication.yaml").read_text()
     hpa = one(overlay / "hpa" / "hpa.yaml", "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     (metric,) = hpa["spec"]["metrics"]
@@ -389,6 +395,21 @@ def test_every_alert_has_severity_summary_description_and_a_runbook_anchor_that_
         assert anchor in anchors, f"docs/operations.md has no section #{anchor}"
 
 
+def test_every_aggregation_keeps_the_namespace() -> None:
+    # one Prometheus often watches prod and staging: an aggregation without namespace would let
+    # one hide or mix into the other. Only the fallback "no worker anywhere" is global.
+    for rule in rules():
+        expr = rule["expr"]
+        for labels in re.findall(r"\b(?:sum|max|min|count|avg) by \(([^)]*)\)", expr):
+            assert "namespace" in {label.strip() for label in labels.split(",")}, rule["alert"]
+        if rule["alert"] != "PgnotifyWorkerAbsentEverywhere":
+            assert not re.search(r"\b(?:sum|max|min|count|avg) *\(", expr), rule["alert"]
+            assert "absent(" not in expr, rule["alert"]
+        assert "exported_job" not in expr
+    job_rules = [r for r in rules() if "pgnotify_job_" in r["expr"]]
+    assert job_rules and all("periodic_job" in r["expr"] for r in job_rules)
+
+
 def test_every_alert_has_a_firing_and_a_quiet_promtool_case() -> None:
     tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())
     assert tests["rule_files"] == ["rules.yml"]
@@ -438,8 +459,9 @@ def test_service_monitor_scrapes_the_service_every_15s_with_the_workers_job_labe
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
     assert endpoint["interval"] == "15s"
-    # pgnotify_job_* carry their own `job` label (the periodic job), which the job alerts use
-    assert endpoint["honorLabels"] is True
+    # no worker metric has a `job` label (the periodic job is `periodic_job`): the target's
+    # labels win, and no metric can pose as another namespace
+    assert not endpoint.get("honorLabels")
     # ... while `up` gets job=<Service name>, which PgnotifyWorkerAbsent uses
     absent = next(r for r in rules() if r["alert"] == "PgnotifyWorkerAbsent")
     assert f'job="{service["metadata"]["name"]}"' in absent["expr"]

@@ -583,7 +583,7 @@ async def test_the_worker_runs_jobs_alerts_admins_and_shows_them_in_status(
     job = next(j for j in status["jobs"] if j["name"] == "nightly_reminders")
     assert (job["last_status"], job["consecutive_failures"]) == ("failed", 3)
     assert alert["recipient"] == "ops@example.com" and "nightly_reminders" in alert["subject"]
-    assert 'pgnotify_job_consecutive_failures{job="nightly_reminders"} 3.0' in metrics
+    assert 'pgnotify_job_consecutive_failures{periodic_job="nightly_reminders"} 3.0' in metrics
 
 
 async def wait_rows_until(conn: asyncpg.Connection, sql: str, timeout: float = 10.0) -> None:

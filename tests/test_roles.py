@@ -404,6 +404,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "PROVIDER_LIMITS": (),
         "MARK_REAL": (["email"],),
         "REAL_SEEN": (["email"],),
+        "CHANNEL_HEALTH": ("w", ["email"], [True], 30.0),
         "SHOW_NOTIFICATION": (nid,),
         "SHOW_TIMELINE": (nid,),
         "EVENTS_CURSOR": (),

@@ -101,6 +101,10 @@ class DeliveryStore(Protocol):
         """Oldest open transaction and dead rows of the queue tables."""
         ...
 
+    async def channel_health(self, sendable: dict[str, bool], valid_for: float) -> None:
+        """Record per channel whether this worker can send it now, valid for `valid_for` s."""
+        ...
+
     async def template(self, key: str, channel: str, locales: Sequence[str]) -> TemplateRow | None:
         """The newest version of a template in the best available locale."""
         ...

@@ -486,6 +486,18 @@ class QueueStore:
         await self.pool.execute(queries.DESTINATION_RECOVERED, origin)
 
     @translated
+    async def channel_health(self, sendable: dict[str, bool], valid_for: float) -> None:
+        """Record which channels this worker can send now, valid for `valid_for` seconds
+        (pgnotify.sendable_backlog, the autoscaler's count, reads it)."""
+        await self.pool.execute(
+            queries.CHANNEL_HEALTH,
+            self.worker_id,
+            list(sendable),
+            list(sendable.values()),
+            valid_for,
+        )
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

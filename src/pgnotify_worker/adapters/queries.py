@@ -540,6 +540,21 @@ REAL_SEEN = """
 SELECT channel, real_seen_at FROM pgnotify.delivery_modes WHERE channel = ANY ($1::text[])
 """
 
+# channel_health: worker $1 can (or cannot) send channels $2 (sendable $3) for $4 seconds.
+CHANNEL_HEALTH = """
+WITH stale AS (
+    DELETE FROM pgnotify.channel_health WHERE ctid IN (
+        SELECT ctid FROM pgnotify.channel_health
+        WHERE valid_until < now() - interval '1 hour' AND worker <> $1
+        FOR UPDATE SKIP LOCKED)
+)
+INSERT INTO pgnotify.channel_health AS h (channel, worker, sendable, seen_at, valid_until)
+SELECT c.channel, $1, c.sendable, now(), now() + make_interval(secs => $4)
+FROM unnest($2::text[], $3::boolean[]) AS c(channel, sendable)
+ON CONFLICT (channel, worker) DO UPDATE
+SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -136,6 +136,13 @@ class Dispatcher:
         """Seconds until some provider of the channel may be tried again."""
         return self.failover.blocked_for(channel)
 
+    def sendable(self) -> dict[str, bool]:
+        """Per channel: can this worker send it now (a usable provider, not every one paused)?"""
+        return {
+            name: entry.disabled_reason is None and self.capacity(name, 1) > 0
+            for name, entry in self.channels.items()
+        }
+
     async def budget(self, channel: str, wanted: int) -> Budget:
         """Tokens of the channel's provider's shared rate limit for a claim (Failover.budget)."""
         return await self.failover.budget(channel, wanted)

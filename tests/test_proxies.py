@@ -129,5 +129,6 @@ def test_the_webhook_proxy_setting_is_a_secret_http_url() -> None:
     settings = Settings(webhook_proxy="http://user:pw@proxy.internal:3128")  # type: ignore[call-arg]
     assert settings.webhook_proxy is not None
     assert "pw" not in repr(settings.webhook_proxy)
+    assert Settings(webhook_proxy="").webhook_proxy is None  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="proxy URL"):
         Settings(webhook_proxy="socks5://proxy.internal:1080")  # type: ignore[call-arg]

@@ -307,7 +307,9 @@ class CoreSettings(BaseSettings):
     @field_validator("webhook_proxy")
     @classmethod
     def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+        if value is None or not value.get_secret_value():
+            return None  # empty: not set (as in the example Secret)
+        if not value.get_secret_value().startswith(("http://", "https://")):
             raise ValueError("must be an http:// (or https://) proxy URL")
         return value
 

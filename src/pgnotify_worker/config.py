@@ -182,7 +182,8 @@ class CoreSettings(BaseSettings):
     tracing: bool = Field(
         True,
         description="OpenTelemetry spans per claim and per send (when the tracing extra is "
-        "installed; configure the SDK/exporter with OTEL_* variables).",
+        "installed). With the SDK and OTLP exporter (otlp extra, the image), "
+        "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER sends them (OTEL_* variables).",
     )
     alert_recipients: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -1,8 +1,8 @@
 """The image's installed size, measured without a container: what the Dockerfile's build stage puts
 into /opt/venv (requirements/image.lock with --require-hashes, then the project's wheel with
 --no-deps), in a fresh venv here, before and after pip/setuptools/wheel are removed. Not a test:
-it downloads from PyPI. The base image (python:3.11 slim) adds its own ~125 MB, less the ~15 MB of
-pip/setuptools/wheel/ensurepip the runtime stage deletes.
+it downloads from PyPI. The base image (python:3.11 slim) adds its own size, less the
+pip/setuptools/wheel/ensurepip that the runtime stage deletes (neither measured here: no Docker).
 
     python -m bench.image_size          # or: make image-size
 """
@@ -23,11 +23,10 @@ BUILD_TOOLS = ("pip", "setuptools", "wheel")
 
 def du(path: Path) -> int:
     """Bytes on disk under path (as `du -s`: allocated blocks, links not followed)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            total += st.st_blocks * 512
+    total = os.lstat(path).st_blocks * 512
+    for dirpath, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total
 
 

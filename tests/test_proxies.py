@@ -8,15 +8,19 @@ import base64
 from collections.abc import AsyncIterator
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from pgnotify_worker.adapters.providers.fcm import FcmProvider
 from pgnotify_worker.adapters.providers.resend import ResendProvider
 from pgnotify_worker.adapters.providers.webhook import WebhookProvider
+from pgnotify_worker.adapters.providers.webpush import WebPushProvider
 from pgnotify_worker.config import Settings
 from pgnotify_worker.models import Permanent, Sent
 from tests.fakes.fcm import FakeFCM
 from tests.fakes.proxy import FakeProxy
 from tests.fakes.resend import FakeResend
+from tests.fakes.webpush import FakePushService
 from tests.support.webhooks import WebhookSink
 from tests.test_providers import RESEND_KEY, SENDER, fcm_account, message
 
@@ -132,3 +136,44 @@ def test_the_webhook_proxy_setting_is_a_secret_http_url() -> None:
     assert Settings(webhook_proxy="").webhook_proxy is None  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="proxy URL"):
         Settings(webhook_proxy="socks5://proxy.internal:1080")  # type: ignore[call-arg]
+
+
+async def webpush_send(proxy: str | None = None) -> tuple[object, FakePushService]:
+    vapid = ec.generate_private_key(ec.SECP256R1())
+    pem = vapid.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    async with FakePushService(vapid_public=vapid.public_key()) as service:
+        provider = WebPushProvider(
+            pem,
+            "mailto:ops@example.com",
+            allowed_networks=["127.0.0.0/8"],
+            ssl_context=service.ssl_context_for_clients(),
+            proxy=proxy,
+        )
+        await provider.start()
+        try:
+            outcome = await provider.send(
+                message(service.browser().subscription(), channel="push", html=None)
+            )
+        finally:
+            await provider.close()
+    return outcome, service
+
+
+async def test_web_push_ignores_the_environment_proxy(
+    proxy_env: FakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", proxy_env.url)  # the push service is https
+    monkeypatch.setenv("https_proxy", proxy_env.url)
+    outcome, service = await webpush_send()
+    assert isinstance(outcome, Sent)
+    assert proxy_env.seen == [] and len(service.delivered) == 1
+
+
+async def test_web_push_uses_the_webhook_proxy_when_set(proxy: FakeProxy) -> None:
+    outcome, service = await webpush_send(proxy.url)
+    assert isinstance(outcome, Sent)
+    host = service.url.removeprefix("https://").split("/")[0]
+    assert proxy.targets("CONNECT") == [host]  # TLS tunnelled through it
+    assert len(service.delivered) == 1

@@ -26,6 +26,12 @@ from tests.support.worker import settings_for
 
 TEMPLATE_DB = "pgnotify_template"
 
+# Provider API clients honour HTTP(S)_PROXY: the fakes on 127.0.0.1 are reached directly, whatever
+# proxy the machine running the tests has (tests/test_proxies.py sets its own).
+for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.lower(), None)
+
 
 # --- the server ---------------------------------------------------------------------------------
 

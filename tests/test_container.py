@@ -173,3 +173,69 @@ async def test_the_image_command_line_serves_readyz_from_the_installed_wheel(
         check=True,
     )
     assert where.stdout.startswith(str(target))  # what ran was the wheel, not the source tree
+
+
+LOCK = ROOT / "requirements" / "image.lock"
+IMAGE_EXTRAS = ("tracing", "otlp")
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements/image.lock as {normalized name: (version, hashes)}."""
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, tuple[str, list[str]]] = {}
+    text = LOCK.read_text().replace("\\\n", " ")
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = line.split()
+        name, _, version = spec.partition("==")
+        assert version, f"not pinned with ==: {line}"
+        hashes = [opt.removeprefix("--hash=") for opt in options if opt.startswith("--hash=")]
+        found[canonicalize_name(name)] = (version, hashes)
+    return found
+
+
+def test_the_image_lock_satisfies_pyproject() -> None:
+    """Every runtime dependency (and those of the extras the image installs) is in the lock, at
+    a version its specifier allows, with hashes: `make lock` after changing pyproject.toml."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in IMAGE_EXTRAS:
+        wanted += project["optional-dependencies"][extra]
+    lock = locked()
+    stale = []
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name not in lock:
+            stale.append(f"{name}: missing")
+        elif not requirement.specifier.contains(lock[name][0], prereleases=True):
+            stale.append(f"{name}=={lock[name][0]} does not satisfy {requirement.specifier}")
+    assert not stale, f"requirements/image.lock is stale (run `make lock`): {stale}"
+    assert all(hashes for _, hashes in lock.values())  # --require-hashes needs every one
+    assert "opentelemetry-sdk" in lock and "opentelemetry-exporter-otlp-proto-http" in lock
+    assert not {"pip", "setuptools", "wheel"} & set(lock)
+
+
+def test_the_image_installs_the_lock_with_hashes_and_keeps_no_installers() -> None:
+    build, final = stages()[1], runtime()
+    runs = " ".join(rest for ins, rest in build if ins == "RUN")
+    assert "--require-hashes" in runs and "-r requirements/image.lock" in runs
+    assert "--no-deps" in runs.split("pgnotify_worker-")[0].rsplit("install", 1)[1]  # the wheel
+    assert "venv --without-pip /opt/venv" in runs
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in final
+    cleanup = " ".join(rest for ins, rest in final if ins == "RUN")
+    assert "pip uninstall --yes" in cleanup and all(
+        tool in cleanup for tool in ("pip", "setuptools", "wheel", "ensurepip")
+    )
+    assert image_env()["PATH"].startswith("/opt/venv/bin:")
+    assert any(ins == "COPY" and rest.startswith("LICENSE ") for ins, rest in final)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert {".venv/", ".venv-min/", ".pgnotify/", ".git/"} <= set(ignored)

@@ -122,6 +122,13 @@ class CoreSettings(BaseSettings):
         default_factory=list,
         description="CIDRs webhooks may reach although private/loopback, e.g. 10.0.0.0/8.",
     )
+    webhook_proxy: SecretStr | None = Field(
+        None,
+        description="HTTP proxy URL (http://[user:pass@]host:port) for webhooks and Web Push, "
+        "which otherwise go direct (they ignore HTTPS_PROXY). The SSRF guard then cannot see the "
+        "address a target resolves to: the proxy must enforce egress rules (IP-literal targets "
+        "are still refused).",
+    )
     simulate: bool = Field(
         False,
         description="Route email, sms, push and webhook to the console dev sink (on by default in "
@@ -180,7 +187,8 @@ class CoreSettings(BaseSettings):
     tracing: bool = Field(
         True,
         description="OpenTelemetry spans per claim and per send (when the tracing extra is "
-        "installed; configure the SDK/exporter with OTEL_* variables).",
+        "installed). With the SDK and OTLP exporter (otlp extra, the image), "
+        "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER sends them (OTEL_* variables).",
     )
     alert_recipients: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -300,6 +308,15 @@ class CoreSettings(BaseSettings):
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         netguard.parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("webhook_proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # empty: not set (as in the example Secret)
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// (or https://) proxy URL")
         return value
 
     @field_validator("database_url", "listen_database_url")

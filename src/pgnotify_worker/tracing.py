@@ -1,12 +1,17 @@
 """Optional OpenTelemetry tracing: a span per claim batch and per send, continuing the producer's
-trace from the row's traceparent. Uses only the OpenTelemetry API (the `tracing` extra); where the
-spans go is the SDK's business (e.g. `opentelemetry-instrument pgnotify-worker run`). Without the
-API installed, or with PGNOTIFY_TRACING=false, every call here is a no-op."""
+trace from the row's traceparent. The spans use the OpenTelemetry API (the `tracing` extra). Where
+they go: when the SDK and the OTLP/HTTP exporter are installed (the `otlp` extra; the image has
+them) and OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or OTEL_TRACES_EXPORTER asks for it, the worker sets
+up the SDK from the standard OTEL_* variables itself (configure_sdk); a provider set up already
+(`opentelemetry-instrument pgnotify-worker run`, tests) is kept. Without the API installed, or
+with PGNOTIFY_TRACING=false, every call here is a no-op."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, MutableMapping
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 from pgnotify_worker import __version__
@@ -19,11 +24,91 @@ except ImportError:  # the tracing extra is not installed
     trace = None  # type: ignore[assignment]
 
 
+log = logging.getLogger("pgnotify_worker.tracing")
+_configured: str | None = None
+
+
+def _exporters(env: Mapping[str, str]) -> list[str]:
+    """The span exporters OTEL_* asks for: [] when none (nothing to configure)."""
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    if names:
+        return [] if names == ["none"] else [n for n in names if n != "none"]
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    return ["otlp"] if endpoint else []
+
+
+def configure_sdk(env: Mapping[str, str] | None = None) -> str | None:
+    """Set up the OpenTelemetry SDK from OTEL_* (once per process): a TracerProvider with the
+    resource of OTEL_SERVICE_NAME/OTEL_RESOURCE_ATTRIBUTES (service.name pgnotify-worker by
+    default) and a batch processor per exporter of OTEL_TRACES_EXPORTER (otlp when only an
+    endpoint is set; otlp is OTLP/HTTP, configured by the exporter from OTEL_EXPORTER_OTLP_*;
+    console). Returns what it set up, or None: nothing asked for, OTEL_SDK_DISABLED, no SDK
+    installed, or a provider already set by someone else."""
+    global _configured  # noqa: PLW0603 - the SDK's provider is process-wide too
+    env = os.environ if env is None else env
+    if _configured is not None:
+        return _configured
+    names = _exporters(env)
+    if trace is None or not names or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None  # opentelemetry-instrument or the embedding application configured one
+    try:  # the SDK is imported only when export is asked for (start-up time, optional extra)
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+        )
+    except ImportError:
+        log.warning("OTEL_* asks for span export but opentelemetry-sdk is not installed")
+        return None
+    attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "pgnotify-worker"}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    done = []
+    for name in names:
+        exporter: Any
+        if name == "console":
+            exporter = ConsoleSpanExporter()
+        elif name == "otlp":
+            protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+                "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+            )
+            if protocol != "http/protobuf":
+                log.warning("OTLP protocol %s is not supported here: use http/protobuf", protocol)
+                continue
+            try:
+                from opentelemetry.exporter.otlp.proto.http import trace_exporter  # noqa: PLC0415
+            except ImportError:
+                log.warning(
+                    "OTLP export asked for but opentelemetry-exporter-otlp-proto-http is "
+                    "not installed (the otlp extra)"
+                )
+                continue
+            # endpoint, headers, timeout, compression: the exporter reads OTEL_EXPORTER_OTLP_*
+            exporter = trace_exporter.OTLPSpanExporter()
+        else:
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (otlp, console)", name)
+            continue
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        done.append(name)
+    if not done:
+        return None
+    trace.set_tracer_provider(provider)  # flushed at exit (the SDK's atexit shutdown)
+    _configured = ",".join(done)
+    log.info("tracing: spans exported with %s", _configured)
+    return _configured
+
+
 class Tracing:
     """The worker's spans; a no-op when disabled or when OpenTelemetry is absent."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and trace is not None
+        if self.enabled:
+            configure_sdk()
         self._tracer: Any = (
             trace.get_tracer("pgnotify-worker", __version__) if self.enabled else None
         )

@@ -167,11 +167,17 @@ class FakeFCM(FakeServer):
       message name returned for `sent[i]`.
     - `unregistered`: tokens answered with 404 UNREGISTERED.
     - `key_id`: when set, the JWT header's `kid` must equal it (else any non-empty kid).
+    - `metadata_requests`: requests to the GCE/GKE metadata server's token path, which it also
+      serves (GET /computeMetadata/v1/instance/service-accounts/default/token, only with
+      `Metadata-Flavor: Google`, as the real one): point `PGNOTIFY_FCM_METADATA_HOST` at
+      `metadata_host`. Its tokens are good for `metadata_expires_in` seconds.
     Scripts: `fail_next`/`slow_next`/`hang_next`/`fcm_error_next` act on sends,
-    `token_error_next` on the token endpoint.
+    `token_error_next` on the token endpoint, `_push(..., "metadata")` on the metadata server.
     """
 
     token_channel = "token"
+    metadata_channel = "metadata"
+    metadata_token_path = "/computeMetadata/v1/instance/service-accounts/default/token"
 
     def __init__(
         self,
@@ -192,6 +198,8 @@ class FakeFCM(FakeServer):
         self.expires_in = expires_in
         self.key_id = key_id
         self.token_requests: list[Recorded] = []
+        self.metadata_requests: list[Recorded] = []
+        self.metadata_expires_in = expires_in
         self.issued: dict[str, float] = {}
         self.unregistered: set[str] = set()
         self.sent: list[dict[str, Any]] = []
@@ -219,6 +227,11 @@ class FakeFCM(FakeServer):
     @property
     def token_uri(self) -> str:
         return f"{self.url}/token"
+
+    @property
+    def metadata_host(self) -> str:
+        """host:port of the fake's metadata server (PGNOTIFY_FCM_METADATA_HOST)."""
+        return self.url.removeprefix("http://")
 
     @property
     def send_path(self) -> str:
@@ -313,6 +326,14 @@ class FakeFCM(FakeServer):
             self._route(self._token, channel=self.token_channel, into=lambda: self.token_requests),
         )
         app.router.add_post("/v1/projects/{project}/messages:send", self._route(self._send))
+        app.router.add_get(
+            self.metadata_token_path,
+            self._route(
+                self._metadata_token,
+                channel=self.metadata_channel,
+                into=lambda: self.metadata_requests,
+            ),
+        )
 
     async def _unknown_route(self, request: web.Request) -> web.StreamResponse:
         message = f"The requested URL {request.path} was not found on this server."
@@ -331,6 +352,26 @@ class FakeFCM(FakeServer):
             200,
             {"access_token": token, "expires_in": self.expires_in, "token_type": "Bearer"},
             {"Cache-Control": "no-cache, no-store, max-age=0, must-revalidate"},
+        )
+
+    async def _metadata_token(self, request: web.Request, rec: Recorded) -> web.StreamResponse:
+        """The metadata server: the workload's own token, no grant; the header is mandatory
+        (and a forwarded request, X-Forwarded-For, is refused, as GCE does)."""
+        if rec.header("metadata-flavor") != "Google" or rec.header("x-forwarded-for"):
+            return web.Response(
+                status=403,
+                text="Missing required header: Metadata-Flavor",
+                content_type="text/html",
+            )
+        token = "ya29.metadata-" + secrets.token_urlsafe(48)
+        self.issued[token] = time.monotonic() + self.metadata_expires_in
+        return make_response(
+            200,
+            {
+                "access_token": token,
+                "expires_in": self.metadata_expires_in,
+                "token_type": "Bearer",
+            },
         )
 
     def _check_grant(self, rec: Recorded) -> None:

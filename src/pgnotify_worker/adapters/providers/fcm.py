@@ -1,16 +1,23 @@
-"""Push through FCM HTTP v1: projects/{id}/messages:send with a service-account OAuth token."""
+"""Push through FCM HTTP v1: projects/{id}/messages:send with a service-account OAuth token, from
+a key file or from the metadata server (GKE Workload Identity: no key at all)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.google_auth import ServiceAccount, TokenSource
+from pgnotify_worker.adapters.providers.google_auth import (
+    METADATA_HOST,
+    CachedToken,
+    MetadataTokenSource,
+    ServiceAccount,
+    TokenSource,
+)
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError, TokenError
@@ -54,16 +61,42 @@ class FcmProvider(http.HttpProvider):
         self,
         service_account: str | None,
         *,
+        credentials: Literal["key", "metadata"] = "key",
+        project_id: str | None = None,
+        metadata_host: str = METADATA_HOST,
         base_url: str = "https://fcm.googleapis.com",
         timeout: float = 15.0,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        if not service_account:
-            raise ProviderConfigError("fcm: PGNOTIFY_FCM_SERVICE_ACCOUNT is not set")
-        account = ServiceAccount.load(service_account)
-        self.tokens = TokenSource(account)
-        self.url = f"{base_url.rstrip('/')}/v1/projects/{account.project_id}/messages:send"
+        self.tokens: CachedToken
+        if credentials == "metadata":
+            if not project_id:
+                raise ProviderConfigError(
+                    "fcm: PGNOTIFY_FCM_CREDENTIALS=metadata needs PGNOTIFY_FCM_PROJECT_ID (the "
+                    "Firebase project to send through)"
+                )
+            self.tokens = MetadataTokenSource(metadata_host)
+        else:
+            if not service_account:
+                raise ProviderConfigError(
+                    "fcm: PGNOTIFY_FCM_SERVICE_ACCOUNT is not set (or set "
+                    "PGNOTIFY_FCM_CREDENTIALS=metadata on GKE Workload Identity / GCE)"
+                )
+            account = ServiceAccount.load(service_account)
+            self.tokens = TokenSource(account)
+            project_id = project_id or account.project_id
+        self.credentials = credentials
+        self.project_id = project_id
+        self.url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
         super().__init__(timeout, now)
+
+    async def close(self) -> None:
+        await self.tokens.close()
+        await super().close()
+
+    def describe(self) -> dict[str, Any]:
+        """For /status: where its tokens come from, nothing secret."""
+        return {"credentials": self.credentials, "project_id": self.project_id}
 
     def handles(self, recipient: str) -> bool:
         """FCM registration tokens; browser subscriptions (JSON) go to webpush."""
@@ -144,12 +177,31 @@ class FcmSettings(BaseModel):
     fcm_service_account: SecretStr | None = Field(
         None, description="FCM service-account key: the JSON itself, or the path of the JSON file."
     )
+    fcm_credentials: Literal["key", "metadata"] = Field(
+        "key",
+        description="Where FCM's OAuth tokens come from: key (PGNOTIFY_FCM_SERVICE_ACCOUNT) or "
+        "metadata (the GCE/GKE metadata server: Workload Identity, no key file; needs "
+        "PGNOTIFY_FCM_PROJECT_ID and egress to it, see deploy/overlays/gke-workload-identity).",
+    )
+    fcm_project_id: str | None = Field(
+        None,
+        description="Firebase project to send through; required with credentials=metadata "
+        "(default: the key's project_id).",
+    )
+    fcm_metadata_host: str = Field(
+        METADATA_HOST,
+        description="Metadata server host[:port] for credentials=metadata "
+        "(metadata.google.internal by address).",
+    )
     fcm_base_url: str = Field("https://fcm.googleapis.com", description="FCM API base URL.")
 
 
 def _build(cfg: FcmSettings, ctx: Context) -> Provider:
     return FcmProvider(
         reveal(cfg.fcm_service_account),
+        credentials=cfg.fcm_credentials,
+        project_id=cfg.fcm_project_id,
+        metadata_host=cfg.fcm_metadata_host,
         base_url=cfg.fcm_base_url,
         timeout=ctx.settings.provider_timeout,
     )

@@ -1,4 +1,6 @@
-"""OAuth2 access tokens for a Google service account (JWT bearer grant, RFC 7523), cached."""
+"""OAuth2 access tokens for a Google service account, cached: from a key file (JWT bearer grant,
+RFC 7523), or from the GCE/GKE metadata server (Application Default Credentials without a key:
+GKE Workload Identity)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from pgnotify_worker.errors import ProviderConfigError, TokenError
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL: Google's aud
 REFRESH_MARGIN = 300.0  # renew this long before the token expires
+METADATA_HOST = "169.254.169.254"  # metadata.google.internal, without a name lookup
+METADATA_TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"  # noqa: S105
+METADATA_REFRESH_MARGIN = 60.0  # the metadata server renews its token itself, near the end
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,13 @@ def assertion(account: ServiceAccount, now: float, scope: str = SCOPE) -> str:
     return f"{signing_input}.{_b64(signature)}"
 
 
-class TokenSource:
-    """One cached access token, renewed before it expires; concurrent callers share a refresh."""
+class CachedToken:
+    """One cached access token, renewed before it expires; concurrent callers share a refresh.
+    Subclasses fetch it (`_fetch`)."""
 
-    def __init__(self, account: ServiceAccount, clock: Callable[[], float] = time.time) -> None:
-        self.account = account
+    margin = REFRESH_MARGIN
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._token: str | None = None
         self._expires = 0.0
@@ -98,7 +105,7 @@ class TokenSource:
     async def get(self, session: aiohttp.ClientSession, *, stale: str | None = None) -> str:
         """A valid token; `stale` names one the API just refused, forcing a refresh."""
         async with self._lock:
-            fresh = self._token is not None and self.clock() < self._expires - REFRESH_MARGIN
+            fresh = self._token is not None and self.clock() < self._expires - self.margin
             if fresh and (stale is None or stale != self._token):
                 assert self._token is not None
                 return self._token
@@ -107,6 +114,20 @@ class TokenSource:
             self._token, lifetime = await self._fetch(session)
             self._expires = self.clock() + lifetime
             return self._token
+
+    async def _fetch(self, session: aiohttp.ClientSession) -> tuple[str, float]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the source holds (the metadata source's own session)."""
+
+
+class TokenSource(CachedToken):
+    """Tokens for a service-account key: a signed JWT exchanged at the key's token_uri."""
+
+    def __init__(self, account: ServiceAccount, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self.account = account
 
     async def _fetch(self, session: aiohttp.ClientSession) -> tuple[str, float]:
         form = {
@@ -127,3 +148,58 @@ class TokenSource:
         reason = f"{body.get('error', answer.status)}: {body.get('error_description', '')}"[:200]
         refused = 400 <= answer.status < 500 and answer.status not in (408, 429)
         raise TokenError(f"token endpoint said {reason}", refused=refused)
+
+
+class MetadataTokenSource(CachedToken):
+    """Tokens of the workload's own service account from the metadata server (GCE, or GKE's
+    Workload Identity server at the same address): GET .../service-accounts/default/token with
+    `Metadata-Flavor: Google`, answered {"access_token", "expires_in", "token_type"}. Asked
+    directly on a session of its own: never through an egress proxy (HTTPS_PROXY), which could
+    not reach the node-local server anyway."""
+
+    margin = METADATA_REFRESH_MARGIN
+
+    def __init__(
+        self,
+        host: str = METADATA_HOST,
+        *,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(clock)
+        self.url = f"http://{host}{METADATA_TOKEN_PATH}"
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _fetch(self, session: aiohttp.ClientSession) -> tuple[str, float]:
+        if self._session is None:
+            self._session = http.make_session(self.timeout, limit=2)  # direct: no trust_env
+        try:
+            answer = await http.request(
+                self._session, "GET", self.url, headers={"Metadata-Flavor": "Google"}
+            )
+        except http.TRANSPORT_ERRORS as exc:
+            # node-local: unreachable means not on GCE/GKE or a NetworkPolicy without the
+            # gke-workload-identity overlay, not an outage to retry through: trip the circuit
+            raise TokenError(
+                f"metadata server {self.url} unreachable ({type(exc).__name__}): not on GCE/GKE, "
+                "or egress to it is not allowed",
+                refused=True,
+            ) from None
+        body = http.json_body(answer)
+        token = body.get("access_token")
+        if answer.status == 200 and isinstance(token, str):
+            expires = body.get("expires_in")
+            return token, float(expires) if isinstance(expires, int | float) else 300.0
+        # 404: no service account bound (Workload Identity not set up for this KSA); 403: the
+        # header was stripped. Both are configuration: the channel's circuit opens, as for a key.
+        refused = 400 <= answer.status < 500 and answer.status not in (408, 429)
+        raise TokenError(
+            f"metadata server said {answer.status}: {answer.body[:200].decode(errors='replace')}",
+            refused=refused,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -36,8 +36,11 @@ def make_session(
     limit: int = 100,
     resolver: aiohttp.abc.AbstractResolver | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    trust_env: bool = False,
 ) -> aiohttp.ClientSession:
-    """A session with a total and a connect timeout, no cookies, no environment proxies.
+    """A session with a total and a connect timeout, no cookies. `trust_env` makes it honour
+    HTTPS_PROXY/HTTP_PROXY/NO_PROXY (provider APIs: egress proxies are common in clusters);
+    without it (webhooks, Web Push: customer-chosen URLs behind the SSRF guard) it goes direct.
     `ssl_context` replaces the system trust store (tests trust their own CA this way)."""
     connector = aiohttp.TCPConnector(
         limit=limit, resolver=resolver, ttl_dns_cache=10, ssl=ssl_context if ssl_context else True
@@ -47,13 +50,14 @@ def make_session(
         timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
         headers={"User-Agent": USER_AGENT},
         cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
+        trust_env=trust_env,
     )
 
 
 class HttpProvider:
-    """What every HTTP provider shares: one session with timeouts, opened by start(), closed by
-    close(), and the wall clock (for Retry-After dates only)."""
+    """What every HTTP provider shares: one session with timeouts that honours the environment's
+    HTTPS_PROXY/HTTP_PROXY/NO_PROXY, opened by start(), closed by close(), and the wall clock (for
+    Retry-After dates only)."""
 
     def __init__(
         self, timeout: float, now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
@@ -69,7 +73,7 @@ class HttpProvider:
         return self._session
 
     async def start(self) -> None:
-        self._session = make_session(self.timeout)
+        self._session = make_session(self.timeout, trust_env=True)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -83,9 +87,13 @@ async def post(
     *,
     data: bytes,
     headers: Mapping[str, str],
+    proxy: str | None = None,
 ) -> HttpAnswer:
-    """POST without following redirects; reads at most MAX_RESPONSE_BYTES of the answer."""
-    async with session.post(url, data=data, headers=headers, allow_redirects=False) as response:
+    """POST without following redirects; reads at most MAX_RESPONSE_BYTES of the answer.
+    `proxy` sends it through that HTTP proxy (the webhook proxy)."""
+    async with session.post(
+        url, data=data, headers=headers, allow_redirects=False, proxy=proxy
+    ) as response:
         body = await response.content.read(MAX_RESPONSE_BYTES)
         return HttpAnswer(response.status, response.headers, body)
 
@@ -97,10 +105,11 @@ async def request(
     *,
     data: bytes | dict[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    proxy: str | None = None,
 ) -> HttpAnswer:
     """Any request, no redirects followed; at most MAX_RESPONSE_BYTES of the answer are read."""
     async with session.request(
-        method, url, data=data, headers=headers, allow_redirects=False
+        method, url, data=data, headers=headers, allow_redirects=False, proxy=proxy
     ) as response:
         body = await response.content.read(MAX_RESPONSE_BYTES)
         return HttpAnswer(response.status, response.headers, body)

@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import json
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 
@@ -71,6 +72,22 @@ def literal_refusal(url: URL, allowed: Sequence[netguard.IPNetwork], what: str) 
     )
 
 
+def guarded_session(
+    timeout: float,
+    allowed: Sequence[netguard.IPNetwork],
+    proxy: str | None,
+    limit: int = 100,
+    ssl_context: ssl.SSLContext | None = None,
+) -> aiohttp.ClientSession:
+    """The session of customer-chosen URLs (webhooks, Web Push): never the environment's proxies.
+    Direct, every name resolved through GuardedResolver; or, with PGNOTIFY_WEBHOOK_PROXY, through
+    that proxy only: the connection goes to the proxy (which may well be on a private address), so
+    the guard cannot see what the target resolves to and the proxy must enforce egress rules.
+    IP-literal targets are refused before either (literal_refusal)."""
+    resolver = None if proxy else GuardedResolver(allowed)
+    return http.make_session(timeout, limit=limit, resolver=resolver, ssl_context=ssl_context)
+
+
 def origin(url: URL) -> str:
     """scheme://host:port of a URL, the port always written (a destination's key)."""
     host = url.host or ""
@@ -117,6 +134,7 @@ class WebhookProvider:
         timeout: float = 10.0,
         allowed_networks: Sequence[str] = (),
         concurrency: int = 100,
+        proxy: str | None = None,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         if not secrets:
@@ -129,6 +147,7 @@ class WebhookProvider:
         self.allowed = netguard.parse_networks(allowed_networks)
         self.timeout = timeout
         self.concurrency = concurrency
+        self.proxy = proxy or None
         self.now = now
         self._session: aiohttp.ClientSession | None = None
         # Parsing and checking a URL costs more than signing it: remember the verdict per URL.
@@ -145,9 +164,7 @@ class WebhookProvider:
         return None if isinstance(url, Permanent) else origin(url)
 
     async def start(self) -> None:
-        self._session = http.make_session(
-            self.timeout, limit=self.concurrency, resolver=GuardedResolver(self.allowed)
-        )
+        self._session = guarded_session(self.timeout, self.allowed, self.proxy, self.concurrency)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -192,7 +209,9 @@ class WebhookProvider:
         body, headers = self.build(message, int(time.time()))
         what = f"webhook {url.host}"
         try:
-            answer = await http.post(self._session, url, data=body, headers=headers)
+            answer = await http.post(
+                self._session, url, data=body, headers=headers, proxy=self.proxy
+            )
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, TargetBlocked):
                 return Permanent(
@@ -226,6 +245,7 @@ def _build(cfg: WebhookSettings, ctx: Context) -> Provider:
         timeout=cfg.webhook_timeout,
         allowed_networks=ctx.settings.webhook_allowed_networks,
         concurrency=ctx.settings.concurrency_for("webhook"),
+        proxy=reveal(ctx.settings.webhook_proxy),
     )
 
 

@@ -15,7 +15,7 @@ from yarl import URL
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.adapters.providers.webhook import (
-    GuardedResolver,
+    guarded_session,
     literal_refusal,
     origin,
 )
@@ -40,6 +40,7 @@ class WebPushProvider:
         timeout: float = 15.0,
         allowed_networks: Sequence[str] = (),
         ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         if not vapid_private_key or not subject:
@@ -61,6 +62,7 @@ class WebPushProvider:
         self.allowed = netguard.parse_networks(allowed_networks)
         self.now = now
         self.ssl_context = ssl_context
+        self.proxy = proxy or None
         self._session: aiohttp.ClientSession | None = None
 
     def handles(self, recipient: str) -> bool:
@@ -76,9 +78,10 @@ class WebPushProvider:
         return origin(endpoint) if endpoint.host else None
 
     async def start(self) -> None:
-        # push services are public hosts: the same guard as webhooks keeps sends off the LAN
-        self._session = http.make_session(
-            self.timeout, resolver=GuardedResolver(self.allowed), ssl_context=self.ssl_context
+        # push endpoints are customer-chosen URLs (the browser's push service): the same guard
+        # (and the same optional PGNOTIFY_WEBHOOK_PROXY) as webhooks keeps sends off the LAN
+        self._session = guarded_session(
+            self.timeout, self.allowed, self.proxy, ssl_context=self.ssl_context
         )
 
     async def close(self) -> None:
@@ -114,7 +117,9 @@ class WebPushProvider:
             ),
         }
         try:
-            answer = await http.request(self._session, "POST", endpoint, data=body, headers=headers)
+            answer = await http.request(
+                self._session, "POST", endpoint, data=body, headers=headers, proxy=self.proxy
+            )
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, TargetBlocked):
                 return Permanent("target_refused", f"push endpoint refused: {exc.os_error}")
@@ -161,6 +166,7 @@ def _build(cfg: WebPushSettings, ctx: Context) -> Provider:
         ttl=cfg.webpush_ttl,
         timeout=ctx.settings.provider_timeout,
         allowed_networks=ctx.settings.webhook_allowed_networks,
+        proxy=reveal(ctx.settings.webhook_proxy),
     )
 
 

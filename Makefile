@@ -52,16 +52,16 @@ pgbouncer:
 	 else echo "pgbouncer not found: the PgBouncer tests are skipped"; fi
 
 lint: $(DEV)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples deploy .ci
+	$(BIN)/ruff format --check src tests bench examples deploy .ci
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/check.py
 
 fmt: $(DEV)
-	$(BIN)/ruff format src tests bench examples
-	$(BIN)/ruff check --fix src tests bench examples
+	$(BIN)/ruff format src tests bench examples deploy .ci
+	$(BIN)/ruff check --fix src tests bench examples deploy .ci
 
 test: lint node pgbouncer  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -2,11 +2,12 @@
 """Check the deployment artifacts under deploy/ (the Makefile runs `python deploy/check.py`).
 
 (a) kustomize: every kustomization.yaml uses only current kustomize v5 fields (no deprecated
-    `bases`, `patchesStrategicMerge`, `commonLabels`); deploy/base and every overlay render with `kubectl kustomize`; every
-    rendered object validates offline against the Kubernetes schemas of kubernetes-validate
-    (strict: unknown fields are errors); the CRD objects (ServiceMonitor, PrometheusRule,
-    ScaledObject, TriggerAuthentication) get a structural check, and the PrometheusRule's groups
-    must equal deploy/prometheus/rules.yml; references between objects resolve.
+    `bases`, `patchesStrategicMerge`, `commonLabels`); deploy/base and every overlay render with
+    `kubectl kustomize`; every rendered object validates offline against the Kubernetes schemas
+    of kubernetes-validate (strict: unknown fields are errors); the CRD objects (ServiceMonitor,
+    PrometheusRule, ScaledObject, TriggerAuthentication) get a structural check, and the
+    PrometheusRule's groups must equal deploy/prometheus/rules.yml; references between objects
+    resolve.
 (b) Prometheus: `promtool check rules` and `promtool test rules` on deploy/prometheus/.
 (c) Grafana: the dashboard parses, and every panel query (and every alert expression) names only
     metrics the worker exports (the README metrics table or adapters/metrics.py).
@@ -298,7 +299,7 @@ def check_kustomize(kubectls: list[str], report: Report) -> None:
     for kubectl in kubectls:
         label = kubectl
         major = kustomize_major(kubectl)
-        if major is not None and major < 5:  # noqa: PLR2004
+        if major is not None and major < 5:
             report.fail(
                 f"{kubectl}: kustomize v{major} inside; the kustomizations need v5 "
                 "(kubectl 1.27 or newer)"

@@ -119,7 +119,7 @@ class FcmProvider(http.HttpProvider):
 
     async def _post(self, data: bytes, token: str) -> http.HttpAnswer:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        return await http.request(self.session, "POST", self.url, data=data, headers=headers)
+        return await self.call("POST", self.url, data=data, headers=headers)
 
     async def send(self, message: RenderedMessage) -> Outcome:
         data = json.dumps(self.body(message)).encode()

@@ -135,7 +135,13 @@ class TokenSource(CachedToken):
             "assertion": assertion(self.account, self.clock()),
         }
         try:
-            answer = await http.request(session, "POST", self.account.token_uri, data=form)
+            answer = await http.request(
+                session,
+                "POST",
+                self.account.token_uri,
+                data=form,
+                proxy=http.env_proxy(self.account.token_uri),
+            )
         except http.TRANSPORT_ERRORS as exc:
             raise TokenError(
                 f"token endpoint unreachable ({type(exc).__name__})", refused=False

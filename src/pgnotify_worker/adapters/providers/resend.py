@@ -77,7 +77,7 @@ class ResendProvider(http.HttpProvider):
         headers = {**self._headers, "Idempotency-Key": message.idempotency_key}
         data = json.dumps(self.body(message)).encode()
         try:
-            answer = await http.request(self.session, "POST", self.url, data=data, headers=headers)
+            answer = await self.call("POST", self.url, data=data, headers=headers)
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "resend")  # retried with the same key: safe
         found = http.json_body(answer)

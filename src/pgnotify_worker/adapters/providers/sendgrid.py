@@ -94,9 +94,7 @@ class SendGridProvider(http.HttpProvider):
             return problem
         data = json.dumps(self.body(message)).encode()
         try:
-            answer = await http.request(
-                self.session, "POST", self.url, data=data, headers=self._headers
-            )
+            answer = await self.call("POST", self.url, data=data, headers=self._headers)
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "sendgrid")
         errors = http.json_body(answer).get("errors")

@@ -82,12 +82,8 @@ class TwilioProvider(http.HttpProvider):
         if not message.text:
             return Permanent("no_content", "an SMS needs a body")
         try:
-            answer = await http.request(
-                self.session,
-                "POST",
-                self.url,
-                data=self.form(message, number),
-                headers=self._headers,
+            answer = await self.call(
+                "POST", self.url, data=self.form(message, number), headers=self._headers
             )
         except http.TRANSPORT_ERRORS as exc:
             return http.transport_outcome(exc, "twilio")

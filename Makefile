@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 PIP    := $(BIN)/python -m pip install --progress-bar on --disable-pip-version-check
 
-.PHONY: run psql status test lint fmt bench bench-smoke min-deps soak clean node pgbouncer lock image-size
+.PHONY: run psql status test lint fmt bench bench-smoke min-deps soak clean node pgbouncer browser lock image-size
 
 $(VENV)/bin/python:
 	@echo "--- creating $(VENV)"
@@ -51,6 +51,15 @@ pgbouncer:
 	   || echo "could not install pgbouncer: the PgBouncer tests are skipped"; \
 	 else echo "pgbouncer not found: the PgBouncer tests are skipped"; fi
 
+# Debian's chromium for the page tests (Playwright drives it; no browser download): apt-get as root,
+# else the page tests skip (or fail under PGNOTIFY_REQUIRE_BROWSER=1, as in CI).
+browser:
+	@command -v chromium >/dev/null || [ -n "$$PGNOTIFY_CHROMIUM" ] || \
+	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   ($(APT) chromium || (apt-get update -qq && $(APT) chromium)) >/dev/null 2>&1 \
+	   || echo "could not install chromium: the page tests are skipped"; \
+	 else echo "chromium not found: the page tests are skipped (set PGNOTIFY_CHROMIUM to a Chromium binary)"; fi
+
 lint: $(DEV)  ## ruff (lint + format check), mypy, hadolint, manifests and alert rules
 	$(BIN)/ruff check src tests bench examples deploy .ci
 	$(BIN)/ruff format --check src tests bench examples deploy .ci
@@ -63,7 +72,7 @@ fmt: $(DEV)
 	$(BIN)/ruff format src tests bench examples deploy .ci
 	$(BIN)/ruff check --fix src tests bench examples deploy .ci
 
-test: lint node pgbouncer  ## lint, then the test suite against a throwaway PostgreSQL
+test: lint node pgbouncer browser  ## lint, then the test suite against a throwaway PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The declared minimum versions, tested: a separate venv with every runtime dependency pinned to

@@ -7,6 +7,7 @@ import socket
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -218,6 +219,25 @@ class CoreSettings(BaseSettings):
         "answers loopback clients only (kubectl port-forward/exec); /healthz, /readyz and "
         "/metrics stay open either way.",
     )
+    # --- app-facing APIs (inbox feed, preference API) ----------------------------------------
+    app_token_secret: SecretStr | None = Field(
+        None,
+        description="Key the app's backend signs user tokens with (HS256 JWT, sub = user id; 32+ "
+        "random characters). Unset: the inbox and preference APIs answer 404.",
+    )
+    app_token_max_lifetime: int = Field(
+        86_400,
+        ge=60,
+        description="Longest lifetime (exp - iat, seconds) of a user token the APIs accept.",
+    )
+    app_token_audience: str | None = Field(
+        None, description="When set, user tokens must carry this aud claim."
+    )
+    app_cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (https://app.example.com) whose pages may call the app-facing APIs "
+        "from the browser (CORS). Empty: same-origin and server-to-server only.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
@@ -237,11 +257,33 @@ class CoreSettings(BaseSettings):
         "inapp_providers",
         "webhook_allowed_networks",
         "alert_recipients",
+        "app_cors_origins",
         mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("app_cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give scheme://host[:port], e.g. "
+                    "https://app.example.com ('*' is not allowed: tokens are credentials)"
+                )
+            out.append(f"{parts.scheme}://{parts.netloc}".lower())
+        return out
 
     @field_validator("log_level", mode="before")
     @classmethod

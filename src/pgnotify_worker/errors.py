@@ -53,6 +53,10 @@ class ListenerUnhealthy(PgnotifyError):
     """The LISTEN connection is open but a NOTIFY round trip did not come back."""
 
 
+class AppTokenError(PgnotifyError):
+    """A user token presented to the app-facing APIs is malformed, forged, expired or foreign."""
+
+
 class TokenError(PgnotifyError):
     """An OAuth token endpoint refused or failed; `refused` when retrying cannot help."""
 

@@ -248,6 +248,7 @@ class QueueStore:
             [c.template_version for c in batch],
             [c.refund for c in batch],
             [c.hold for c in batch],
+            [c.claimed_at for c in batch],
         )
         return {r["id"] for r in rows}
 

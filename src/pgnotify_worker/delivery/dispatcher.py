@@ -413,6 +413,7 @@ class Dispatcher:
                 template_version=version,
                 refund=1 if resolution.refund else 0,
                 hold=resolution.hold,
+                claimed_at=n.claimed_at,
             ),
             channel=n.channel,
             outcome=OUTCOME_LABEL[resolution.event],

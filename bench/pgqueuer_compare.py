@@ -137,9 +137,7 @@ async def insert_theirs(conn: asyncpg.Connection, url: str, rows: int) -> None:
     payloads: list[bytes | None] = [
         json.dumps({"seq": i}, separators=(",", ":")).encode() for i in range(1, rows + 1)
     ]
-    await queries.enqueue(
-        [ENTRYPOINT] * rows, payloads, [0] * rows, headers=[{"url": url}] * rows
-    )
+    await queries.enqueue([ENTRYPOINT] * rows, payloads, [0] * rows, headers=[{"url": url}] * rows)
 
 
 async def pending(conn: asyncpg.Connection, side: str) -> int:
@@ -353,12 +351,12 @@ def report(sides: dict[str, Side], postgresql: str, plan: Plan, processes: int) 
     lines += [
         "",
         f"Median drain: ours **{a_rate:,.0f}/s**, pgqueuer **{b_rate:,.0f}/s**: "
-        f"**{a_rate / b_rate:.2f} ×**. Duplicates at the receiver: ours "
+        f"**{a_rate / b_rate:.2f} x**. Duplicates at the receiver: ours "
         f"{sum(d['duplicates'] for d in ours.drains):.0f}, pgqueuer "
         f"{sum(d['duplicates'] for d in theirs.drains):.0f}.",
         "",
         f"### Commit → receiver at {plan.latency_rate:.0f}/s offered "
-        f"({plan.latency_runs} runs × {plan.latency_seconds:.0f} s each; median of runs)",
+        f"({plan.latency_runs} runs x {plan.latency_seconds:.0f} s each; median of runs)",
         "",
         "| | p50 ms | p95 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 # claim: lease up to $2 ready rows of channel $1 to worker $3 for $4 seconds, in claim order,
 # skipping rows other workers hold (no event row: the outcome's event carries claimed_at, schema
-# 0015); with $5, only rows created after it (a dev sink never takes what was enqueued while a real provider served the channel).
+# 0015); with $5, only rows created after it (a dev sink never takes what was enqueued while a
+# real provider served the channel).
 # Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
 # driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
 # instead of failing the whole batch.

@@ -482,10 +482,11 @@ FROM pgnotify.processing_timeline WHERE notification_id = $1 ORDER BY at, seq
 # events_cursor: the newest event id now, where `tail` starts.
 EVENTS_CURSOR = "SELECT coalesce(max(id), 0) FROM pgnotify.events"
 
-# events_after: up to $2 events with an id above $1, oldest first, with their channel (`tail`).
+# events_after: up to $2 events with an id above $1, oldest first, with their channel (`tail`;
+# a claim writes no event: an outcome says when its attempt was claimed).
 EVENTS_AFTER = """
 SELECT e.id, e.notification_id, n.channel, e.event, e.attempt, e.provider, e.duration_ms,
-       e.error_code, e.error, e.created_at
+       e.error_code, e.error, e.created_at, e.claimed_at
 FROM pgnotify.events e JOIN pgnotify.notifications n ON n.id = e.notification_id
 WHERE e.id > $1 ORDER BY e.id LIMIT $2
 """

@@ -5,7 +5,10 @@ both gracefully, and the parent exits with them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -77,3 +80,17 @@ async def test_two_processes_drain_exactly_once_and_stop_on_one_sigterm(
     finally:
         await worker.close()
     assert worker.actions().count("stopped") == 2  # each child stopped gracefully
+
+
+def test_more_than_one_process_needs_a_database_url() -> None:
+    """The embedded PostgreSQL serves one worker: refused at once, with what to set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGNOTIFY_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pgnotify_worker", "run", "--processes", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "needs PGNOTIFY_DATABASE_URL" in out.stderr

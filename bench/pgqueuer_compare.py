@@ -240,7 +240,18 @@ async def latency(
     return {"p50": pct(ms, 0.5), "p95": pct(ms, 0.95), "p99": pct(ms, 0.99), "max": max(ms)}
 
 
-async def bench(plan: Plan, processes: int, concurrency: int) -> tuple[dict[str, Side], str]:
+def uvloop_path() -> str:
+    """A directory whose sitecustomize puts a process on uvloop (our worker, with --uvloop)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="pgnotify-uvloop-")
+    Path(folder, "sitecustomize.py").write_text("import uvloop\nuvloop.install()\n")
+    return folder
+
+
+async def bench(
+    plan: Plan, processes: int, concurrency: int, uvloop: bool = False
+) -> tuple[dict[str, Side], str]:
     from pgqueuer import Queries
 
     cluster = TempCluster(settings=DURABLE).start()
@@ -274,6 +285,10 @@ async def bench(plan: Plan, processes: int, concurrency: int) -> tuple[dict[str,
             "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
             "PGNOTIFY_PROCESSES": str(processes),
         }
+        if uvloop:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [uvloop_path(), env.get("PYTHONPATH")])
+            )
         sides["ours"].procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "pgnotify_worker", "run"],
@@ -316,7 +331,9 @@ async def bench(plan: Plan, processes: int, concurrency: int) -> tuple[dict[str,
     return sides, f"{version} (own throwaway cluster, fsync on)"
 
 
-def report(sides: dict[str, Side], postgresql: str, plan: Plan, processes: int) -> str:
+def report(
+    sides: dict[str, Side], postgresql: str, plan: Plan, processes: int, uvloop: bool = False
+) -> str:
     import pgqueuer
 
     med = statistics.median
@@ -325,8 +342,8 @@ def report(sides: dict[str, Side], postgresql: str, plan: Plan, processes: int) 
     lines = ["## pgnotify-worker beside pgqueuer", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += [
-        f"- pgnotify-worker: {processes} process(es), webhook concurrency 50, every request "
-        "signed, every attempt in pgnotify.events",
+        f"- pgnotify-worker: {processes} process(es){' on uvloop' if uvloop else ''}, webhook "
+        "concurrency 50, every request signed, every attempt in pgnotify.events",
         f"- pgqueuer {pgqueuer.__version__}: QueueManager.run(batch_size={BATCH}), one aiohttp "
         "POST per job",
         "- receiver: bench/sink.py (one process, loopback); runs interleaved, ours first",
@@ -390,6 +407,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="drain runs per side")
     parser.add_argument("--processes", type=int, default=1, help="our worker's --processes")
     parser.add_argument("--concurrency", type=int, default=50, help="our webhook sends in flight")
+    parser.add_argument("--uvloop", action="store_true", help="our worker on uvloop")
     parser.add_argument("--save", type=Path, help="also write the table to this file")
     parser.add_argument("--worker", metavar="DSN", help=argparse.SUPPRESS)  # pgqueuer's side
     args = parser.parse_args()
@@ -407,8 +425,8 @@ def main() -> None:
         plan.rows = args.rows
     if args.runs:
         plan.runs = args.runs
-    sides, postgresql = asyncio.run(bench(plan, args.processes, args.concurrency))
-    table = report(sides, postgresql, plan, args.processes)
+    sides, postgresql = asyncio.run(bench(plan, args.processes, args.concurrency, args.uvloop))
+    table = report(sides, postgresql, plan, args.processes, args.uvloop)
     print(table)
     if args.save:
         args.save.write_text(table + "\n")

@@ -94,3 +94,19 @@ def test_more_than_one_process_needs_a_database_url() -> None:
     )
     assert out.returncode == 2
     assert "needs PGNOTIFY_DATABASE_URL" in out.stderr
+
+
+async def test_children_stop_when_the_parent_is_killed(dsn: str) -> None:
+    """No orphans: SIGKILL on the supervisor (an OOM kill) still stops both children, gracefully."""
+    worker = WorkerProcess(replica_env(dsn, "orphan", 5))
+    await worker.start("run", "--processes", "2")
+    try:
+        await until_logged(worker, "ready", 2, timeout=60)
+        worker.kill()
+        deadline = time.monotonic() + 60
+        while worker.actions().count("stopped") < 2:
+            assert time.monotonic() < deadline, worker.logs[-5:]
+            await asyncio.sleep(0.05)
+        assert await worker.wait(timeout=30) == -signal.SIGKILL  # its pipes close: children gone
+    finally:
+        await worker.close()

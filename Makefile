@@ -110,8 +110,14 @@ soak: $(DEV)
 	PGNOTIFY_CHAOS_ROWS=5500 PGNOTIFY_CHAOS_KILLS=10 PGNOTIFY_CHAOS_TERMS=6 \
 	PGNOTIFY_CHAOS_DB_RESTARTS=3 $(BIN)/python -m pytest -s tests/test_chaos.py $(PYTEST_ARGS)
 
-bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us, provider clients, the producer's INSERT
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(DEV) pyproject.toml
+	$(PIP) -e '.[dev,embedded,tracing,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench and pgqueuer beside us, provider clients, the producer's INSERT
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.pgqueuer_compare
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.isolation
@@ -119,6 +125,7 @@ bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
+	$(BIN)/python -m bench.pgqueuer_compare --smoke  # skipped without the bench extra
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
 	$(BIN)/python -m bench.isolation --smoke

@@ -48,8 +48,11 @@ async def enqueue_webhook(conn: asyncpg.Connection, url: str, **kw: object) -> i
 
 
 async def events_of(conn: asyncpg.Connection, nid: int) -> list[str]:
+    """The notification's steps after 'queued', as `show` and processing_timeline tell them."""
     rows = await conn.fetch(
-        "SELECT event FROM pgnotify.events WHERE notification_id = $1 ORDER BY id", nid
+        "SELECT event FROM pgnotify.processing_timeline WHERE notification_id = $1 "
+        "AND event <> 'queued' ORDER BY at, seq",
+        nid,
     )
     return [r["event"] for r in rows]
 
@@ -80,6 +83,10 @@ async def test_webhook_is_delivered_signed_and_recorded(
     assert request.headers["webhook-id"] == f"pgn_{row['uid']}"
     assert request.headers["Content-Type"] == "application/json"
     assert await events_of(conn, nid) == ["claimed", "sent"]
+    # one event row per attempt: the outcome carries when it was claimed (schema 0015)
+    (event,) = await conn.fetch("SELECT * FROM pgnotify.events WHERE notification_id = $1", nid)
+    assert (event["event"], event["attempt"]) == ("sent", 1) and event["worker"]
+    assert event["claimed_at"] is not None and event["claimed_at"] <= event["created_at"]
     assert (
         'pgnotify_notifications_total{channel="webhook",outcome="sent",provider="webhook"} 1.0'
         in metrics

@@ -155,9 +155,10 @@ async def test_a_burst_from_32_producers_is_all_delivered(
             ids = [i for batch in batches for i in batch]
             rows = await wait_rows(conns[0], ids, DONE, service, timeout=60)
             waits = await conns[0].fetch(
-                "SELECT n.id, extract(epoch FROM min(e.created_at) - n.created_at) AS wait "
-                "FROM pgnotify.notifications n JOIN pgnotify.events e ON e.notification_id = n.id "
-                "AND e.event = 'claimed' WHERE n.id = ANY($1) GROUP BY n.id",
+                "SELECT n.id, extract(epoch FROM min(e.at) - n.created_at) AS wait "
+                "FROM pgnotify.notifications n JOIN pgnotify.processing_timeline e "
+                "ON e.notification_id = n.id AND e.event = 'claimed' "
+                "WHERE n.id = ANY($1) GROUP BY n.id",
                 ids,
             )
         finally:
@@ -188,9 +189,9 @@ async def test_an_idle_worker_claims_a_single_insert_at_once(
             await asyncio.sleep(0.15)  # longer than the worker lingers awake
             assert service.worker is not None and not service.worker.wakeups.holds("webhook")
         waits = await conn.fetch(
-            "SELECT extract(epoch FROM e.created_at - n.created_at)::float8 AS wait "
-            "FROM pgnotify.notifications n JOIN pgnotify.events e ON e.notification_id = n.id "
-            "AND e.event = 'claimed' WHERE n.id = ANY($1)",
+            "SELECT extract(epoch FROM e.at - n.created_at)::float8 AS wait "
+            "FROM pgnotify.notifications n JOIN pgnotify.processing_timeline e "
+            "ON e.notification_id = n.id AND e.event = 'claimed' WHERE n.id = ANY($1)",
             ids,
         )
     assert max(r["wait"] for r in waits) < 1.0

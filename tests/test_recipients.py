@@ -27,7 +27,9 @@ UNSUB_KEY = "unsubscribe-secret-0123456789abcdef"
 
 async def events(conn: asyncpg.Connection, nid: int) -> list[tuple[str, str | None]]:
     rows = await conn.fetch(
-        "SELECT event, error_code FROM pgnotify.events WHERE notification_id = $1 ORDER BY id", nid
+        "SELECT event, error_code FROM pgnotify.processing_timeline WHERE notification_id = $1 "
+        "AND event <> 'queued' ORDER BY at, seq",
+        nid,
     )
     return [(r["event"], r["error_code"]) for r in rows]
 

@@ -348,7 +348,7 @@ async def test_the_worker_role_may_run_every_worker_query(
     arrays = ([nid], [1], ["sent"], ["sent"], [0.0], [None], [None], ["webhook"], [None])
     args: dict[str, tuple[object, ...]] = {
         "CLAIM": ("email", 10, "w", 30.0, None),
-        "COMPLETE": ("w", *arrays, [1.0], [None], [0], [None]),
+        "COMPLETE": ("w", *arrays, [1.0], [None], [0], [None], [None]),
         "HEARTBEAT": ("w", [nid], [1], 30.0),
         "RELEASE": ("w", [nid], [1]),
         "REAP": (10,),

@@ -74,6 +74,13 @@ class CoreSettings(BaseSettings):
         description="Channels this replica serves, comma-separated.",
     )
     concurrency: int = Field(50, ge=1, le=10_000, description="In-flight sends per channel.")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Worker processes `run` starts (one per core; each a full worker with its "
+        "own pool, HTTP port + i); the parent forwards SIGTERM. Needs PGNOTIFY_DATABASE_URL.",
+    )
     channel_concurrency: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description="Per-channel override, e.g. webhook=200,email=20."
     )

@@ -148,6 +148,7 @@ class Completion:
     template_version: int | None
     refund: int = 0
     hold: str | None = None
+    claimed_at: dt.datetime | None = None  # the event's claimed_at (the timeline's claimed step)
 
 
 @dataclass(frozen=True, slots=True)

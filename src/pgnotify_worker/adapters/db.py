@@ -96,6 +96,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """A released connection skips asyncpg's reset query (pg_advisory_unlock_all, CLOSE ALL,
+    UNLISTEN *, RESET ALL): a round trip after every statement, ~7 % of a drain's worker CPU.
+    Nothing here leaves session state on a pooled connection (settings and locks are
+    transaction-scoped; LISTEN and wake tokens have their own connections), and the pool still
+    rolls back a transaction left open."""
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -114,6 +122,7 @@ async def create_pool(
         timeout=connect_timeout,
         command_timeout=60,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"application_name": application_name[:63]},
     )
     assert pool is not None
@@ -248,6 +257,7 @@ class QueueStore:
             [c.template_version for c in batch],
             [c.refund for c in batch],
             [c.hold for c in batch],
+            [c.claimed_at for c in batch],
         )
         return {r["id"] for r in rows}
 

@@ -4,8 +4,9 @@ string formatting. Tests prepare each of them against a freshly migrated databas
 from __future__ import annotations
 
 # claim: lease up to $2 ready rows of channel $1 to worker $3 for $4 seconds, in claim order,
-# skipping rows other workers hold, and log a claimed event per row; with $5, only rows created
-# after it (a dev sink never takes what was enqueued while a real provider served the channel).
+# skipping rows other workers hold (no event row: the outcome's event carries claimed_at, schema
+# 0015); with $5, only rows created after it (a dev sink never takes what was enqueued while a
+# real provider served the channel).
 # Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
 # driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
 # instead of failing the whole batch.
@@ -27,9 +28,6 @@ WITH ready AS (
            n.priority, n.attempts, n.max_attempts,
            extract(epoch FROM n.created_at)::float8 AS created_at, n.run_at,
            extract(epoch FROM n.expires_at)::float8 AS expires_at, n.digest_of, n.traceparent
-), logged AS (
-    INSERT INTO pgnotify.events (notification_id, event, attempt, worker)
-    SELECT id, 'claimed', attempts, $3 FROM claimed
 )
 SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body,
        locale, payload, priority, attempts, max_attempts, created_at, expires_at, digest_of,
@@ -39,14 +37,15 @@ ORDER BY priority DESC, run_at, id
 """
 
 # complete: write many outcomes in one statement, each only while worker $1 still holds that
-# row's lease for that attempt (fenced), with one event per written outcome.
+# row's lease for that attempt (fenced), with one event per written outcome (carrying when the
+# attempt was claimed, $15).
 COMPLETE = """
 WITH r AS (
     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::float8[],
                          $7::text[], $8::text[], $9::text[], $10::text[], $11::real[], $12::int[],
-                         $13::int[], $14::text[])
+                         $13::int[], $14::text[], $15::timestamptz[])
         AS r(id, attempt, status, event, delay, error_code, error, provider,
-             provider_message_id, duration_ms, template_version, refund, hold)
+             provider_message_id, duration_ms, template_version, refund, hold, claimed_at)
 ), done AS (
     UPDATE pgnotify.notifications n
     SET status = r.status,
@@ -68,10 +67,11 @@ WITH r AS (
     RETURNING n.id, n.run_at, n.status
 ), logged AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker, provider, duration_ms,
-                                 error_code, error, detail)
+                                 error_code, error, detail, claimed_at)
     SELECT r.id, r.event, r.attempt, $1, r.provider, r.duration_ms, r.error_code, r.error,
            CASE WHEN done.status = 'scheduled' THEN jsonb_build_object('retry_at', done.run_at)
-                WHEN done.status = 'held' THEN jsonb_build_object('digest', r.hold) END
+                WHEN done.status = 'held' THEN jsonb_build_object('digest', r.hold) END,
+           r.claimed_at
     FROM r JOIN done ON done.id = r.id
 )
 SELECT id FROM done
@@ -482,10 +482,11 @@ FROM pgnotify.processing_timeline WHERE notification_id = $1 ORDER BY at, seq
 # events_cursor: the newest event id now, where `tail` starts.
 EVENTS_CURSOR = "SELECT coalesce(max(id), 0) FROM pgnotify.events"
 
-# events_after: up to $2 events with an id above $1, oldest first, with their channel (`tail`).
+# events_after: up to $2 events with an id above $1, oldest first, with their channel (`tail`;
+# a claim writes no event: an outcome says when its attempt was claimed).
 EVENTS_AFTER = """
 SELECT e.id, e.notification_id, n.channel, e.event, e.attempt, e.provider, e.duration_ms,
-       e.error_code, e.error, e.created_at
+       e.error_code, e.error, e.created_at, e.claimed_at
 FROM pgnotify.events e JOIN pgnotify.notifications n ON n.id = e.notification_id
 WHERE e.id > $1 ORDER BY e.id LIMIT $2
 """

@@ -7,12 +7,11 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import hashes, hmac, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:  # imported where used: cryptography costs ~7 MB of RSS in every worker
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 RECORD_SIZE = 4096
 MAX_PLAINTEXT = RECORD_SIZE - 86 - 16 - 1  # header, GCM tag, padding delimiter: one record
@@ -28,18 +27,24 @@ def b64u(data: bytes) -> str:
 
 
 def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes, hmac  # noqa: PLC0415
+
     mac = hmac.HMAC(salt, hashes.SHA256())
     mac.update(ikm)
     return mac.finalize()
 
 
 def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    from cryptography.hazmat.primitives import hashes, hmac  # noqa: PLC0415
+
     mac = hmac.HMAC(prk, hashes.SHA256())
     mac.update(info + b"\x01")
     return mac.finalize()[:length]  # one block: every output here is at most 32 bytes
 
 
 def _public_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     return key.public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
@@ -77,6 +82,9 @@ def encrypt(
     as_private: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
     """The aes128gcm body for one push message (salt and sender key are fresh unless given)."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
     if len(plaintext) > MAX_PLAINTEXT:
         raise ValueError(f"push payload is {len(plaintext)} bytes, over {MAX_PLAINTEXT}")
     salt = salt or os.urandom(16)
@@ -96,6 +104,9 @@ def encrypt(
 
 def decrypt(body: bytes, ua_private: ec.EllipticCurvePrivateKey, auth_secret: bytes) -> bytes:
     """The user agent's side (tests and fake push services use it)."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
     salt, (_rs, idlen) = body[:16], struct.unpack("!LB", body[16:21])
     as_public, ciphertext = body[21 : 21 + idlen], body[21 + idlen :]
     ua_public = _public_bytes(ua_private.public_key())
@@ -115,6 +126,9 @@ def decrypt(body: bytes, ua_private: ec.EllipticCurvePrivateKey, auth_secret: by
 
 def load_vapid_key(text: str) -> ec.EllipticCurvePrivateKey:
     """A VAPID private key: PEM, or the raw 32-byte scalar in base64url (as web-push CLIs print)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
     text = text.strip()
     try:
         if text.startswith("-----BEGIN"):
@@ -136,6 +150,12 @@ def vapid_authorization(
     lifetime: int = 12 * 3600,
 ) -> str:
     """Authorization: vapid t=<ES256 JWT for the endpoint's origin>, k=<public key>."""
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.utils import (  # noqa: PLC0415
+        decode_dss_signature,
+    )
+
     parts = urlsplit(endpoint)
     audience = f"{parts.scheme}://{parts.netloc}"
     header = b64u(json.dumps({"typ": "JWT", "alg": "ES256"}, separators=(",", ":")).encode())

@@ -332,6 +332,11 @@ class Dispatcher:
 
     async def deliver(self, n: Notification) -> Delivery:
         """Render, send, classify; the result is ready for the batched write-back."""
+        if not self.tracing.active:  # the hot path without a span's context managers
+            try:
+                return await self._deliver(n)
+            finally:
+                self.failover.settled(n.id)
         try:
             with self.tracing.send(n) as span:
                 delivery = await self._deliver(n)
@@ -413,6 +418,7 @@ class Dispatcher:
                 template_version=version,
                 refund=1 if resolution.refund else 0,
                 hold=resolution.hold,
+                claimed_at=n.claimed_at,
             ),
             channel=n.channel,
             outcome=OUTCOME_LABEL[resolution.event],

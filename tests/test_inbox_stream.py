@@ -266,3 +266,44 @@ async def test_one_listen_connection_serves_every_stream(
     finally:
         for s in streams:
             s.close()
+
+
+async def test_the_worker_serves_the_feed_end_to_end_and_a_stop_ends_its_streams(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    """Through the real Service: enqueue('inapp') -> the worker writes the inbox row -> the
+    stream of that user gets it; stopping the worker ends open streams at once."""
+    from pgnotify_worker.core import app_tokens
+    from tests.support.worker import running, settings_for
+
+    settings = settings_for(
+        dsn, channels="inapp", app_token_secret=inbox.SECRET.decode(), grace_period=1.0
+    )
+    async with running(settings) as service, aiohttp.ClientSession() as http:
+        token = app_tokens.issue(inbox.SECRET, "ada", int(time.time()))
+        base = f"http://127.0.0.1:{service.http_port}"
+        response = await http.get(
+            base + "/inbox/stream",
+            params={"token": token},
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=20),
+        )
+        assert response.status == 200
+        reader = Reader(response)
+        await reader.until("counts")
+        nid = await conn.fetchval(
+            "SELECT pgnotify.enqueue('inapp', user_id => 'ada', subject => 'Welcome', "
+            "body => 'Hello Ada')"
+        )
+        got = await reader.until("message", timeout=10)
+        assert (got.data["notification_id"], got.data["title"]) == (nid, "Welcome")
+        async with http.get(
+            base + "/inbox/counts", headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            assert await r.json() == {"total": 1, "unread": 1, "unseen": 1}
+        started = time.perf_counter()
+        service.stop()
+        with pytest.raises((EOFError, aiohttp.ClientPayloadError)):
+            while True:
+                await reader.next(timeout=10)
+        assert time.perf_counter() - started < 5
+        response.close()

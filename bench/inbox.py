@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 
-from bench.run import DURABLE, machine, pct, rss_mb, wait_http
+from bench.run import DURABLE, cpu_seconds, machine, pct, postgres_pids, rss_mb, wait_http
 from pgnotify_worker.adapters import migrate
 from pgnotify_worker.core import app_tokens
 from tests.support.pgcluster import TempCluster, free_port
@@ -50,6 +50,8 @@ class Results:
     fanout: list[list[float]] = field(default_factory=list)  # seconds commit -> each stream
     singles: list[float] = field(default_factory=list)
     open_seconds: float = 0.0
+    worker_cpu_per_event_us: float = 0.0
+    postgres_cpu_per_event_us: float = 0.0
 
 
 class Client:
@@ -151,6 +153,8 @@ async def bench(plan: Plan) -> tuple[Results, dict[str, str]]:
                 results.rss.append((target, await settle(worker.pid)))
             live = clients[: plan.streams]
             users = [c.user for c in live]
+            pg = postgres_pids(cluster)
+            cpu_before = cpu_seconds([worker.pid]), cpu_seconds(pg)
             for _ in range(plan.fanout_runs):
                 async with conn.transaction():
                     await conn.execute(INSERT, users)
@@ -158,6 +162,11 @@ async def bench(plan: Plan) -> tuple[Results, dict[str, str]]:
                 async with asyncio.timeout(60):
                     arrived = [await c.arrivals.get() for c in live]
                 results.fanout.append([t - committed for t in arrived])
+            events = plan.fanout_runs * len(live)
+            results.worker_cpu_per_event_us = (
+                (cpu_seconds([worker.pid]) - cpu_before[0]) / events * 1e6
+            )
+            results.postgres_cpu_per_event_us = (cpu_seconds(pg) - cpu_before[1]) / events * 1e6
             for client in clients[plan.streams :]:  # the extra streams got nothing: drain none
                 assert client.arrivals.empty()
             for _ in range(plan.singles):
@@ -231,6 +240,12 @@ def report(results: Results, info: dict[str, str], plan: Plan) -> str:
         f"| single messages, one commit each | {len(s):,} | {ms(statistics.median(s))} | "
         f"{ms(pct(s, 0.99))} | {ms(max(s))} |"
     )
+    lines += [
+        "",
+        f"CPU per delivered fan-out message (from /proc, clock ticks): worker "
+        f"{results.worker_cpu_per_event_us:.0f} µs, PostgreSQL "
+        f"{results.postgres_cpu_per_event_us:.0f} µs.",
+    ]
     return "\n".join(lines)
 
 

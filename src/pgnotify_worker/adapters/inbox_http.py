@@ -416,10 +416,8 @@ class FeedHub:
                 group.seq = max(group.seq, *(row["seq"] for row in rows))
             events.append((0, sse("counts", counts(tallies.get(user_id)))))
             for stream in list(group.streams):
-                for seq, data in events:
-                    if seq and seq in stream.sent:
-                        continue
-                    self._put(stream, (seq, data))
+                for item in events:
+                    self._put(stream, item)
                 self.delivered += 1
 
 
@@ -670,11 +668,12 @@ class InboxApi:
             start = await store.latest_seq(user.user_id)
         except DB_ERRORS as exc:
             return self._unavailable(exc)
-        # subscribe before replaying: a row that commits meanwhile comes live (no gap), and a
-        # row the replay also finds is sent once (stream.sent)
+        # subscribe, then replay from the client's position (or from `start`: a row committed
+        # before the subscription took effect is in the replay); a row both the replay and the
+        # live feed carry is written once (stream.sent)
         feed = self.hub.subscribe(user.user_id, start)
         try:
-            return await self._serve(request, store, feed, user, after)
+            return await self._serve(request, store, feed, user, start if after is None else after)
         finally:
             self.hub.unsubscribe(feed)
 
@@ -684,18 +683,17 @@ class InboxApi:
         store: InboxStore,
         feed: Stream,
         user: app_tokens.AppToken,
-        after: int | None,
+        after: int,
     ) -> web.StreamResponse:
         first: list[bytes] = [b"retry: 2000\n\n"]
         try:
-            if after is not None:
-                rows = await store.since(user.user_id, after, REPLAY_LIMIT + 1)
-                if len(rows) > REPLAY_LIMIT:
-                    first.append(sse("reset", {"reason": "missed too much: fetch the list again"}))
-                else:
-                    for row in rows:
-                        feed.sent.add(row["seq"])
-                        first.append(sse("message", message(row), row["seq"]))
+            rows = await store.since(user.user_id, after, REPLAY_LIMIT + 1)
+            if len(rows) > REPLAY_LIMIT:
+                first.append(sse("reset", {"reason": "missed too much: fetch the list again"}))
+            else:
+                for row in rows:
+                    feed.sent.add(row["seq"])
+                    first.append(sse("message", message(row), row["seq"]))
             first.append(sse("counts", counts(await store.counts(user.user_id))))
         except DB_ERRORS as exc:
             return self._unavailable(exc)
@@ -710,13 +708,15 @@ class InboxApi:
                     break
                 try:
                     async with asyncio.timeout(min(self.heartbeat, left)):
-                        _seq, data = await feed.queue.get()
+                        seq, data = await feed.queue.get()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     feed.sent.clear()  # replay duplicates arrive right after the replay
                     continue
                 if not data or feed.overflowed:
                     break
+                if seq and seq in feed.sent:
+                    continue  # the replay wrote it
                 await response.write(data)
         except (ConnectionResetError, ConnectionError):
             pass  # the client went away

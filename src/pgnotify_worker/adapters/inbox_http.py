@@ -219,14 +219,35 @@ CLOSE = b""  # queued to a stream: end it now (shutdown)
 
 @dataclass(eq=False, slots=True)
 class Stream:
-    """One open event stream: what waits to be written to it."""
+    """One open event stream: what waits to be written to it. A list and one future rather
+    than an asyncio.Queue (three deques and an Event): thousands of idle streams add up."""
 
     user_id: str
-    queue: asyncio.Queue[tuple[int, bytes]] = field(
-        default_factory=lambda: asyncio.Queue(STREAM_QUEUE)
-    )
-    sent: set[int] = field(default_factory=set)  # seqs replayed: not sent twice
+    items: list[tuple[int, bytes]] = field(default_factory=list)
+    waiter: asyncio.Future[None] | None = None
+    sent: set[int] = field(default_factory=set)  # seqs replayed: not written twice
     overflowed: bool = False
+
+    def put(self, item: tuple[int, bytes], *, force: bool = False) -> None:
+        """Queue an event; past STREAM_QUEUE the client is too slow and the stream ends."""
+        if force:
+            self.items.clear()
+        elif len(self.items) >= STREAM_QUEUE:
+            self.overflowed = True
+            return
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> tuple[int, bytes]:
+        """The next event, waiting for one."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.pop(0)
 
 
 @dataclass(eq=False, slots=True)
@@ -289,17 +310,7 @@ class FeedHub:
         """Shutdown: every stream ends now (clients reconnect to another replica)."""
         for group in self.groups.values():
             for stream in group.streams:
-                self._put(stream, (0, CLOSE), force=True)
-
-    def _put(self, stream: Stream, item: tuple[int, bytes], *, force: bool = False) -> None:
-        try:
-            stream.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            stream.overflowed = True
-            if force:
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    stream.queue.get_nowait()
-                stream.queue.put_nowait(item)
+                stream.put((0, CLOSE), force=True)
 
     def on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         """asyncpg's callback: keep notices of users with open streams."""
@@ -415,9 +426,13 @@ class FeedHub:
             if rows:
                 group.seq = max(group.seq, *(row["seq"] for row in rows))
             events.append((0, sse("counts", counts(tallies.get(user_id)))))
+            joined = (0, b"".join(data for _seq, data in events))  # one write per stream
             for stream in list(group.streams):
-                for item in events:
-                    self._put(stream, item)
+                if stream.sent:  # just replayed: let the writer drop what the replay sent
+                    for item in events:
+                        stream.put(item)
+                else:
+                    stream.put(joined)
                 self.delivered += 1
 
 
@@ -708,7 +723,7 @@ class InboxApi:
                     break
                 try:
                     async with asyncio.timeout(min(self.heartbeat, left)):
-                        seq, data = await feed.queue.get()
+                        seq, data = await feed.get()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     feed.sent.clear()  # replay duplicates arrive right after the replay

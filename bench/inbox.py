@@ -49,6 +49,9 @@ class Results:
     rss: list[tuple[int, float]] = field(default_factory=list)  # (open streams, MB)
     fanout: list[list[float]] = field(default_factory=list)  # seconds commit -> each stream
     singles: list[float] = field(default_factory=list)
+    # the same commits heard by a bare asyncpg LISTEN in this process: what the machine gives
+    fanout_notify: list[float] = field(default_factory=list)  # commit -> last NOTIFY heard
+    singles_notify: list[float] = field(default_factory=list)
     open_seconds: float = 0.0
     worker_cpu_per_event_us: float = 0.0
     postgres_cpu_per_event_us: float = 0.0
@@ -79,6 +82,25 @@ class Client:
                     elif event == "message":
                         self.arrivals.put_nowait(time.perf_counter())
                     event = ""
+
+
+class Heard:
+    """A bare LISTEN pgnotify_inbox: when the last of the expected NOTIFYs arrived."""
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.last = 0.0
+        self.done = asyncio.Event()
+
+    def expect(self, count: int) -> None:
+        self.left = count
+        self.done.clear()
+
+    def on_notify(self, *_args: object) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.last = time.perf_counter()
+            self.done.set()
 
 
 async def open_clients(
@@ -151,17 +173,23 @@ async def bench(plan: Plan) -> tuple[Results, dict[str, str]]:
                 if target == plan.steps[0]:
                     results.open_seconds = time.perf_counter() - started
                 results.rss.append((target, await settle(worker.pid)))
+            heard = Heard()
+            bare = await asyncpg.connect(dsn)
+            await bare.add_listener("pgnotify_inbox", heard.on_notify)
             live = clients[: plan.streams]
             users = [c.user for c in live]
             pg = postgres_pids(cluster)
             cpu_before = cpu_seconds([worker.pid]), cpu_seconds(pg)
             for _ in range(plan.fanout_runs):
+                heard.expect(len(users))
                 async with conn.transaction():
                     await conn.execute(INSERT, users)
                 committed = time.perf_counter()
                 async with asyncio.timeout(60):
                     arrived = [await c.arrivals.get() for c in live]
+                    await heard.done.wait()
                 results.fanout.append([t - committed for t in arrived])
+                results.fanout_notify.append(heard.last - committed)
             events = plan.fanout_runs * len(live)
             results.worker_cpu_per_event_us = (
                 (cpu_seconds([worker.pid]) - cpu_before[0]) / events * 1e6
@@ -171,11 +199,15 @@ async def bench(plan: Plan) -> tuple[Results, dict[str, str]]:
                 assert client.arrivals.empty()
             for _ in range(plan.singles):
                 client = random.choice(live)
+                heard.expect(1)
                 async with conn.transaction():
                     await conn.execute(INSERT, [client.user])
                 committed = time.perf_counter()
                 async with asyncio.timeout(30):
                     results.singles.append(await client.arrivals.get() - committed)
+                    await heard.done.wait()
+                results.singles_notify.append(heard.last - committed)
+            await bare.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -235,10 +267,18 @@ def report(results: Results, info: dict[str, str], plan: Plan) -> str:
             f"| fan-out, median of runs | | {ms(statistics.median(medians))} | | "
             f"{ms(statistics.median(maxes))} |"
         )
-    s = results.singles
+        lines.append(
+            f"| fan-out, the same commits: last NOTIFY heard by a bare LISTEN here "
+            f"(median of runs) | | | | {ms(statistics.median(results.fanout_notify))} |"
+        )
+    s, b = results.singles, results.singles_notify
     lines.append(
         f"| single messages, one commit each | {len(s):,} | {ms(statistics.median(s))} | "
         f"{ms(pct(s, 0.99))} | {ms(max(s))} |"
+    )
+    lines.append(
+        f"| single messages: the same commits heard by a bare LISTEN here | {len(b):,} | "
+        f"{ms(statistics.median(b))} | {ms(pct(b, 0.99))} | {ms(max(b))} |"
     )
     lines += [
         "",

@@ -319,6 +319,10 @@ async def test_cors_allows_the_configured_origin_only_never_a_wildcard(api: Serv
         api.url + "/inbox/counts", headers={**headers, "Origin": "https://evil.example"}
     ) as r:
         assert "Access-Control-Allow-Origin" not in r.headers
+    # a refusal is readable by the page too (it can tell an expired token from a network error)
+    async with api.http.get(api.url + "/inbox/counts", headers={"Origin": ORIGIN}) as r:
+        assert r.status == 401
+        assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
     async with api.http.get(api.url + "/healthz", headers={"Origin": ORIGIN}) as r:
         assert "Access-Control-Allow-Origin" not in r.headers  # only the inbox paths
 

@@ -58,7 +58,7 @@ async def serve(
 ) -> AsyncIterator[Served]:
     """The worker's HTTP app with the inbox routes, on a free port, until the block ends."""
     pool = await db.create_pool(dsn, min_size=1, max_size=5)
-    hub = FeedHub(dsn, lambda: pool)
+    hub = FeedHub(dsn)
     api = InboxApi(
         SECRET,
         lambda: pool,

@@ -139,7 +139,7 @@ def sse(event: str, data: object, event_id: int | None = None) -> bytes:
 class InboxStore:
     """The inbox statements, each scoped to one user; driver errors leave as StoreError."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection) -> None:
         self.pool = pool
 
     @translated
@@ -268,13 +268,14 @@ class Notice:
 
 
 class FeedHub:
-    """LISTEN pgnotify_inbox on one connection and fan events out to the streams of each user."""
+    """LISTEN pgnotify_inbox on one connection and fan events out to the streams of each user.
+    The feed's queries run on that same connection: one connection in all, its statements
+    prepared once (a pooled connection's first use cost tens of milliseconds), never waiting
+    for the delivery work's pool."""
 
-    def __init__(
-        self, dsn: str, pool: PoolFn, *, connect_timeout: float = 10.0, batch_limit: int = 100
-    ) -> None:
+    def __init__(self, dsn: str, *, connect_timeout: float = 10.0, batch_limit: int = 100) -> None:
         self.dsn = dsn
-        self.pool = pool
+        self.conn: asyncpg.Connection | None = None
         self.connect_timeout = connect_timeout
         self.batch_limit = batch_limit
         self.groups: dict[str, Group] = {}
@@ -351,7 +352,16 @@ class FeedHub:
                     server_settings={"application_name": "pgnotify-worker inbox feed"},
                 )
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                for typename in ("json", "jsonb"):
+                    await conn.set_type_codec(
+                        typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                    )
                 await conn.add_listener(CHANNEL, self.on_notify)
+                warm = InboxStore(conn)  # prepare the feed's statements now, not on a message
+                await warm.feed_batch({}, 1)
+                await warm.rows([])
+                await warm.counts_many([])
+                self.conn = conn
                 self.listening.set()
                 backoff.reset()
                 # what happened while we were not listening: every user's feed catches up
@@ -370,6 +380,7 @@ class FeedHub:
                 )
             finally:
                 self.listening.clear()
+                self.conn = None
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(backoff.next())
@@ -378,6 +389,7 @@ class FeedHub:
         backoff = Backoff(0.1, 5.0)
         while True:
             await self.wake.wait()
+            await self.listening.wait()  # its queries run on the LISTEN connection
             self.wake.clear()
             batch, self.pending = self.pending, []
             try:
@@ -395,13 +407,12 @@ class FeedHub:
 
     async def dispatch(self, batch: Sequence[Notice]) -> None:
         """Send each user's new and changed rows, then their counts, to their open streams."""
-        pool = self.pool()
         users = {n.user_id for n in batch if n.user_id in self.groups}
         if not users:
             return
-        if pool is None:
-            raise StoreUnavailable("inbox feed", ConnectionError("no database pool yet"))
-        store = InboxStore(pool)
+        if self.conn is None:
+            raise StoreUnavailable("inbox feed", ConnectionError("the feed is reconnecting"))
+        store = InboxStore(self.conn)
         positions = {u: self.groups[u].seq for u in users}
         found = await store.feed_batch(positions, self.batch_limit)
         # new rows that committed after rows with a higher seq (concurrent producers)
@@ -755,7 +766,7 @@ def inbox_routes(
     api = InboxApi(
         secret,
         pool,
-        FeedHub(dsn, pool, connect_timeout=connect_timeout),
+        FeedHub(dsn, connect_timeout=connect_timeout),
         max_lifetime=max_lifetime,
         audience=audience,
         cors_origins=cors_origins,

@@ -150,6 +150,8 @@ BEGIN
         UPDATE pgnotify.inbox_counts
         SET total = total - d.total, unread = unread - d.unread, unseen = unseen - d.unseen
         WHERE user_id = d.user_id;
+        -- a user whose last row went (retention, erasure) leaves no trace here either
+        DELETE FROM pgnotify.inbox_counts WHERE user_id = d.user_id AND total <= 0;
         PERFORM pg_notify('pgnotify_inbox', json_build_object(
             'v', 1, 'event', 'changed', 'user_id', d.user_id, 'seq', 0)::text);
     END LOOP;

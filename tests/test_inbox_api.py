@@ -227,6 +227,9 @@ async def test_marks_one_several_and_all_and_the_counts_follow(
     # counts stay exact when rows go (retention, erasure)
     await conn.execute("DELETE FROM pgnotify.inbox WHERE id = ANY ($1::bigint[])", [a, b])
     assert await get(api, "/inbox/counts") == (200, {"total": 2, "unread": 0, "unseen": 0})
+    await conn.execute("DELETE FROM pgnotify.inbox WHERE user_id = 'ada'")
+    assert await get(api, "/inbox/counts") == (200, {"total": 0, "unread": 0, "unseen": 0})
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.inbox_counts") == 0  # no trace
 
 
 @pytest.mark.parametrize(
@@ -410,3 +413,45 @@ def _numbers(text: str, prefix: str) -> list[str]:
     import re
 
     return re.findall(re.escape(prefix) + r"([0-9]+)", text)
+
+
+async def test_counts_stay_exact_under_concurrent_writers(
+    api: Served, dsn: str, conn: asyncpg.Connection
+) -> None:
+    """The trigger-kept counts equal a count of the rows after inserts, marks and deletes
+    racing on several connections for the same users."""
+    import asyncio
+
+    async def writer(n: int) -> None:
+        c = await asyncpg.connect(dsn)
+        try:
+            for round_ in range(10):
+                user = f"u{round_ % 3}"
+                ids = await inbox.add(c, user, f"w{n}", count=5)
+                await c.execute(
+                    "UPDATE pgnotify.inbox SET read_at = now() WHERE id = ANY ($1::bigint[])",
+                    ids[:2],
+                )
+                await c.execute(
+                    "UPDATE pgnotify.inbox SET seen_at = now(), archived_at = now() "
+                    "WHERE user_id = $1 AND id % 7 = 0",
+                    user,
+                )
+                await c.execute("DELETE FROM pgnotify.inbox WHERE id = $1", ids[4])
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(writer(n) for n in range(6)))
+    expected = await conn.fetch(
+        """
+        SELECT user_id, count(*) AS total,
+               count(*) FILTER (WHERE read_at IS NULL AND archived_at IS NULL) AS unread,
+               count(*) FILTER (WHERE seen_at IS NULL AND archived_at IS NULL) AS unseen
+        FROM pgnotify.inbox GROUP BY user_id ORDER BY user_id
+        """
+    )
+    kept = await conn.fetch(
+        "SELECT user_id, total, unread, unseen FROM pgnotify.inbox_counts ORDER BY user_id"
+    )
+    assert [tuple(r) for r in kept] == [tuple(r) for r in expected]
+    assert len(kept) == 3

@@ -122,6 +122,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
+	$(BIN)/python -m bench.inbox
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -130,6 +131,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.chat --smoke
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
+	$(BIN)/python -m bench.inbox --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

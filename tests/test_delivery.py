@@ -523,7 +523,14 @@ async def test_inapp_goes_to_the_inbox_once_and_notifies_live_clients(
         "You have 3 messages",
         "chat",
     )
-    assert message == {"id": inbox[0]["id"], "user_id": "user-7", "notification_id": nid}
+    assert message == {  # payload version 1 (docs/inbox.md)
+        "v": 1,
+        "event": "new",
+        "id": inbox[0]["id"],
+        "seq": inbox[0]["seq"],
+        "user_id": "user-7",
+        "notification_id": nid,
+    }
     assert again == inbox[0]["id"]
     assert rows[0]["provider_message_id"] == f"inbox-{inbox[0]['id']}"
     assert await conn.fetchval("SELECT pgnotify.inbox_mark_read('user-7')") == 1

@@ -16,6 +16,7 @@ import asyncpg
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate, queries
 from pgnotify_worker.adapters.inbound import Inbound
+from pgnotify_worker.adapters.inbox_http import inbox_routes
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
@@ -163,11 +164,20 @@ class Service:
                 s.unsubscribe_secret.get_secret_value().encode() if s.unsubscribe_secret else None
             )
             pages = UnsubscribePages(lambda: self.store, unsubscribe_key)
+            inbox = inbox_routes(
+                s.app_token_secret.get_secret_value().encode() if s.app_token_secret else None,
+                self.listen_dsn,
+                lambda: self.store.pool if self.store else None,
+                max_lifetime=s.app_token_max_lifetime,
+                audience=s.app_token_audience,
+                cors_origins=s.app_cors_origins,
+                connect_timeout=s.connect_timeout,
+            )
             app = http_server.make_app(
                 self.status,
                 self.ready_reasons,
                 self.metrics.render,
-                (inbound.routes, pages.routes),
+                (inbound.routes, pages.routes, inbox),
                 status_token=reveal(s.status_token),
             )
             try:

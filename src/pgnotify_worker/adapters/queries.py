@@ -556,6 +556,195 @@ ON CONFLICT (channel, worker) DO UPDATE
 SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until
 """
 
+# --- inbox feed (adapters/inbox_http.py): every statement names the token's user in $1 ---------
+# One statement per filter (not `$x IS NULL OR ...`): a generic plan must still pick the index
+# that keeps a million-row user's page O(page).
+
+# inbox_page: user $1's messages not archived, newest first, below id $2, $3 of them.
+INBOX_PAGE = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2 AND archived_at IS NULL
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_page_category: as inbox_page, in category $4 only.
+INBOX_PAGE_CATEGORY = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2 AND archived_at IS NULL AND category = $4
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_page_archived: user $1's archived messages, newest first, below id $2, $3 of them.
+INBOX_PAGE_ARCHIVED = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2 AND archived_at IS NOT NULL
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_page_archived_category: as inbox_page_archived, in category $4 only.
+INBOX_PAGE_ARCHIVED_CATEGORY = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2 AND archived_at IS NOT NULL AND category = $4
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_page_any: user $1's messages archived or not, newest first, below id $2, $3 of them.
+INBOX_PAGE_ANY = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_page_any_category: as inbox_page_any, in category $4 only.
+INBOX_PAGE_ANY_CATEGORY = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND id < $2 AND category = $4
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# inbox_counts: user $1's total, unread and unseen counts (kept by triggers, schema 0015).
+INBOX_COUNTS = """
+SELECT coalesce(max(total), 0) AS total, coalesce(max(unread), 0) AS unread,
+       coalesce(max(unseen), 0) AS unseen
+FROM pgnotify.inbox_counts WHERE user_id = $1
+"""
+
+# inbox_counts_many: the counts of users $1 (for the live feed's fan-out).
+INBOX_COUNTS_MANY = """
+SELECT user_id, total, unread, unseen FROM pgnotify.inbox_counts WHERE user_id = ANY ($1::text[])
+"""
+
+# inbox_rows: the inbox rows $1 (the live feed fetches new rows it was told of by NOTIFY).
+INBOX_ROWS = """
+SELECT user_id, id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE id = ANY ($1::bigint[])
+ORDER BY seq
+"""
+
+# inbox_since: user $1's rows changed or added after seq $2 (Last-Event-ID), oldest first, $3.
+INBOX_SINCE = """
+SELECT id, seq, notification_id, category, title, body, data, created_at,
+       read_at, seen_at, archived_at
+FROM pgnotify.inbox
+WHERE user_id = $1 AND seq > $2
+ORDER BY seq
+LIMIT $3
+"""
+
+# inbox_feed_batch: for each user $1[i], their rows added or changed after seq $2[i], oldest
+# first, at most $3 per user (one statement for a whole batch of NOTIFYs).
+INBOX_FEED_BATCH = """
+SELECT u.user_id, r.id, r.seq, r.notification_id, r.category, r.title, r.body, r.data,
+       r.created_at, r.read_at, r.seen_at, r.archived_at
+FROM unnest($1::text[], $2::bigint[]) AS u(user_id, after)
+CROSS JOIN LATERAL (
+    SELECT i.id, i.seq, i.notification_id, i.category, i.title, i.body, i.data, i.created_at,
+           i.read_at, i.seen_at, i.archived_at
+    FROM pgnotify.inbox i
+    WHERE i.user_id = u.user_id AND i.seq > u.after
+    ORDER BY i.seq
+    LIMIT $3
+) AS r
+ORDER BY r.seq
+"""
+
+# inbox_latest_seq: the highest seq of user $1's rows (where a fresh stream starts).
+INBOX_LATEST_SEQ = """
+SELECT coalesce(max(seq), 0) FROM pgnotify.inbox WHERE user_id = $1
+"""
+
+# inbox_read: mark user $1's messages $2 read; returns how many changed.
+INBOX_READ = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET read_at = now()
+    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND read_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_read_all: mark every unread, unarchived message of user $1 read.
+INBOX_READ_ALL = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET read_at = now()
+    WHERE user_id = $1 AND read_at IS NULL AND archived_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_unread: mark user $1's messages $2 unread again.
+INBOX_UNREAD = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET read_at = NULL
+    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND read_at IS NOT NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_seen: mark user $1's messages $2 seen.
+INBOX_SEEN = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET seen_at = now()
+    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND seen_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_seen_all: mark every unseen, unarchived message of user $1 seen.
+INBOX_SEEN_ALL = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET seen_at = now()
+    WHERE user_id = $1 AND seen_at IS NULL AND archived_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_archive: archive user $1's messages $2.
+INBOX_ARCHIVE = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET archived_at = now()
+    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND archived_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_archive_all: archive every message of user $1 not archived yet.
+INBOX_ARCHIVE_ALL = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET archived_at = now()
+    WHERE user_id = $1 AND archived_at IS NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
+# inbox_unarchive: bring user $1's messages $2 back from the archive.
+INBOX_UNARCHIVE = """
+WITH m AS (
+    UPDATE pgnotify.inbox SET archived_at = NULL
+    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND archived_at IS NOT NULL RETURNING 1
+)
+SELECT count(*) FROM m
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

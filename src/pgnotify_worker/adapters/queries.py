@@ -620,7 +620,7 @@ ORDER BY id DESC
 LIMIT $3
 """
 
-# inbox_counts: user $1's total, unread and unseen counts (kept by triggers, schema 0015).
+# inbox_counts: user $1's total, unread and unseen counts (kept by triggers, schema 0016).
 INBOX_COUNTS = """
 SELECT coalesce(max(total), 0) AS total, coalesce(max(unread), 0) AS unread,
        coalesce(max(unseen), 0) AS unseen

@@ -1,4 +1,4 @@
--- pgnotify-worker migration 0015: the inbox feed the app-facing HTTP API serves (docs/inbox.md).
+-- pgnotify-worker migration 0016: the inbox feed the app-facing HTTP API serves (docs/inbox.md).
 --   inbox.seen_at / archived_at: beside read_at. "Unread" and "unseen" count rows not archived.
 --   inbox.seq: a per-row sequence number, new on every insert and on every change of read_at,
 --     seen_at or archived_at: the SSE event id, so Last-Event-ID replays what changed since.
@@ -10,14 +10,14 @@
 --     (seq = the highest seq the statement gave that user, 0 for a delete).
 --   Indexes for the newest-first keyset (per user, not archived / archived, per category) and
 --     for replay by seq.
--- Idempotent: does nothing when version 15 is recorded.
+-- Idempotent: does nothing when version 16 is recorded.
 BEGIN;
 SELECT pg_advisory_xact_lock(7245390117010512);
 
 DO $migration$
 BEGIN
-IF EXISTS (SELECT 1 FROM pgnotify.schema_migrations WHERE version = 15) THEN
-    RAISE NOTICE 'pgnotify migration 15 (inbox_feed) is already applied';
+IF EXISTS (SELECT 1 FROM pgnotify.schema_migrations WHERE version = 16) THEN
+    RAISE NOTICE 'pgnotify migration 16 (inbox_feed) is already applied';
     RETURN;
 END IF;
 
@@ -177,7 +177,7 @@ IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgnotify_producer') THEN
     GRANT SELECT ON pgnotify.inbox_counts TO pgnotify_producer;
 END IF;
 
-INSERT INTO pgnotify.schema_migrations (version, name) VALUES (15, 'inbox_feed');
+INSERT INTO pgnotify.schema_migrations (version, name) VALUES (16, 'inbox_feed');
 END
 $migration$;
 COMMIT;

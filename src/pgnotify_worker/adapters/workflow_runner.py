@@ -10,7 +10,6 @@ committed step, and nothing it had sent can be sent again (same transaction, sam
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +196,7 @@ class WorkflowRunner:
                     step.subject,
                     step.body,
                     step.html_body,
-                    json.dumps(payload),
+                    payload,
                     step.priority,
                 )
                 if made is None:

@@ -149,7 +149,11 @@ def test_a_permanently_failed_email_falls_back_to_sms(
         ("clicked", StepFacts("created", "sent", "email"), False),
         ("clicked", StepFacts("created", "sent", "email", events=frozenset({"clicked"})), True),
         ("failed", StepFacts("created", "sent", "email"), False),
-        ("failed", StepFacts("created", "sent", "sms", events=frozenset({"delivery_failed"})), True),
+        (
+            "failed",
+            StepFacts("created", "sent", "sms", events=frozenset({"delivery_failed"})),
+            True,
+        ),
         ("bounced", StepFacts("created", "sent", "email", events=frozenset({"bounced"})), True),
         ("bounced", StepFacts("created", "failed", "email"), False),
         ("skipped", StepFacts("created", "skipped", "email"), True),
@@ -305,7 +309,10 @@ SMS = {"name": "s", "kind": "send", "channel": "sms", "body": "x"}
             "two steps named 'd'",
         ),
         (
-            [{"name": "d", "kind": "delay", "minutes": 1}, {"kind": "condition", "step": "d", "is": "sent"}],
+            [
+                {"name": "d", "kind": "delay", "minutes": 1},
+                {"kind": "condition", "step": "d", "is": "sent"},
+            ],
             "a delay step",
         ),
         ([{"kind": "condition", "preference": "fax", "is": "on"}], "unknown channel 'fax'"),

@@ -110,9 +110,7 @@ async def time_passes(conn: asyncpg.Connection, run_id: int) -> None:
     await conn.execute("UPDATE pgnotify.workflow_runs SET next_at = now() WHERE id = $1", run_id)
 
 
-async def wait_for(
-    conn: asyncpg.Connection, query: str, *args: Any, timeout: float = 20.0
-) -> Any:
+async def wait_for(conn: asyncpg.Connection, query: str, *args: Any, timeout: float = 20.0) -> Any:
     """Until `query` returns a truthy value (polled: the worker runs in another task/process)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -261,7 +259,9 @@ async def test_a_delay_until_nine_local_crosses_the_dst_change_in_the_users_zone
 async def test_a_stop_step_ends_the_run_with_its_reason(
     conn: asyncpg.Connection, runner: WorkflowRunner
 ) -> None:
-    await define(conn, "stops", [{"name": "halt", "kind": "stop", "reason": "nothing to say"}, INAPP])
+    await define(
+        conn, "stops", [{"name": "halt", "kind": "stop", "reason": "nothing to say"}, INAPP]
+    )
     run_id = await trigger(conn, "stops")
     await settle(runner)
     run = await run_of(conn, run_id)
@@ -343,7 +343,9 @@ async def test_a_condition_on_an_outcome_not_known_yet_looks_again_later(
     await templates(conn)
     await contact(conn)
     await define(
-        conn, "pending", [EMAIL, {"name": "c", "kind": "condition", "step": "email", "is": "failed"}]
+        conn,
+        "pending",
+        [EMAIL, {"name": "c", "kind": "condition", "step": "email", "is": "failed"}],
     )
     run_id = await trigger(conn, "pending")
     await settle(runner)
@@ -475,10 +477,13 @@ async def test_trigger_is_idempotent_transactional_and_refuses_the_unknown(
     first = await trigger(conn, "hello", payload={"n": 1}, key="evt-1")
     assert await trigger(conn, "hello", payload={"n": 1}, key="evt-1") == first
     assert await conn.fetchval("SELECT count(*) FROM pgnotify.workflow_runs") == 1
-    with pytest.raises(asyncpg.CheckViolationError, match="already started run .* different payload"):
+    with pytest.raises(
+        asyncpg.CheckViolationError, match="already started run .* different payload"
+    ):
         await trigger(conn, "hello", payload={"n": 2}, key="evt-1")
     with pytest.raises(
-        asyncpg.CheckViolationError, match="unknown workflow 'helo'; known workflows: 'bye', 'hello'"
+        asyncpg.CheckViolationError,
+        match="unknown workflow 'helo'; known workflows: 'bye', 'hello'",
     ):
         await trigger(conn, "helo")
     with pytest.raises(asyncpg.CheckViolationError, match="needs a user_id"):
@@ -503,9 +508,10 @@ async def test_define_makes_versions_and_a_run_keeps_the_version_it_started_with
     await settle(runner)
     assert (await made_by(conn, old_run))["inapp"]["body"] == "You have a reply"
     assert (await made_by(conn, new_run))["inapp"]["body"] == "v2"
-    assert [r["version"] for r in await conn.fetch(
-        "SELECT version FROM pgnotify.workflow_runs ORDER BY id"
-    )] == [1, 2]
+    assert [
+        r["version"]
+        for r in await conn.fetch("SELECT version FROM pgnotify.workflow_runs ORDER BY id")
+    ] == [1, 2]
 
 
 SMS = {"name": "sms", "kind": "send", "channel": "sms", "body": "x"}

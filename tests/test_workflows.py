@@ -478,7 +478,7 @@ async def test_trigger_is_idempotent_transactional_and_refuses_the_unknown(
     assert await trigger(conn, "hello", payload={"n": 1}, key="evt-1") == first
     assert await conn.fetchval("SELECT count(*) FROM pgnotify.workflow_runs") == 1
     with pytest.raises(
-        asyncpg.CheckViolationError, match="already started run .* different payload"
+        asyncpg.CheckViolationError, match=r"already started run .* different payload"
     ):
         await trigger(conn, "hello", payload={"n": 2}, key="evt-1")
     with pytest.raises(

@@ -580,6 +580,22 @@ async def test_plain_inserts_define_a_workflow_checked_at_commit(conn: asyncpg.C
             await conn.execute("INSERT INTO pgnotify.workflows (name, version) VALUES ('y', 1)")
 
 
+async def test_a_run_inserted_at_a_step_its_version_lacks_fails_with_the_reason(
+    conn: asyncpg.Connection, runner: WorkflowRunner
+) -> None:
+    await define(conn, "short", [INAPP])
+    run_id = await conn.fetchval(
+        "INSERT INTO pgnotify.workflow_runs (workflow, version, user_id, current_step) "
+        "VALUES ('short', 1, 'ada', 'nope') RETURNING id"
+    )
+    assert await settle(runner) == 1
+    run = await run_of(conn, run_id)
+    assert (run["status"], run["reason"]) == (
+        "failed",
+        "cannot run: workflow 'short' has no step 'nope'",
+    )
+
+
 # --- views ----------------------------------------------------------------------------------------
 
 

@@ -92,6 +92,23 @@ class WorkflowRunner:
             for row in await conn.fetch(queries.WF_FACTS, run_id)
         }
         preferences = await self._preferences(conn, workflow, run["user_id"])
+        try:
+            await self._advance(conn, run, workflow, current, facts, preferences)
+        except DefinitionError as exc:  # a run INSERTed at a step its version does not have
+            await self._finish(conn, run_id, current, now, "failed", f"cannot run: {exc}")
+
+    async def _advance(
+        self,
+        conn: Conn,
+        run: asyncpg.Record,
+        workflow: Workflow,
+        current: str | None,
+        facts: dict[str, StepFacts],
+        preferences: dict[tuple[str, str | None], str],
+    ) -> None:
+        """Take every step the run can take now; leave it waiting or finished."""
+        run_id: int = run["id"]
+        now: dt.datetime = run["db_now"]
         for _ in range(len(workflow.steps) + 1):
             decision = decide(
                 workflow,
@@ -264,6 +281,9 @@ class WorkflowRunner:
                 log.warning(
                     "workflows: %s", type(exc).__name__, extra={"action": "workflows_failed"}
                 )
+                wait = backoff.next()
+            except Exception:  # a bug must not stop the delivery worker beside it: log, back off
+                log.exception("workflows: evaluation failed", extra={"action": "workflows_error"})
                 wait = backoff.next()
             with anyio.move_on_after(wait):
                 await self._wake.wait()

@@ -463,7 +463,9 @@ DECLARE
 BEGIN
     SELECT max(w.version) INTO chosen FROM pgnotify.workflows w WHERE w.name = trigger.workflow;
     IF chosen IS NULL THEN
-        SELECT string_agg(DISTINCT quote_literal(w.name), ', ') INTO known FROM pgnotify.workflows w;
+        SELECT string_agg(quote_literal(k.name), ', ' ORDER BY k.name)
+               || CASE WHEN count(*) = 20 THEN ', ...' ELSE '' END INTO known
+        FROM (SELECT DISTINCT w.name FROM pgnotify.workflows w ORDER BY w.name LIMIT 20) k;
         PERFORM pgnotify.reject_in('workflow_runs', 'workflow', format('unknown workflow %L; %s',
             left(trigger.workflow, 100), coalesce('known workflows: ' || known,
             'no workflow is defined yet')),

@@ -4,6 +4,7 @@ nothing, connect with asyncpg and do what their role allows, and nothing else.""
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -450,10 +451,17 @@ async def test_producers_trigger_and_cancel_runs_and_the_worker_role_evaluates_t
     from pgnotify_worker.adapters import queries
     from pgnotify_worker.adapters.workflow_runner import WorkflowRunner
 
-    await conn.execute(
-        "SELECT pgnotify.define_workflow('hello', "
-        '\'[{"kind": "send", "channel": "inapp", "body": "Hi"}]\')'
-    )
+    admin = await asyncpg.connect(await login_as("pgnotify_admin"))
+    try:  # an admin (or the schema owner) defines workflows
+        steps = [{"kind": "send", "channel": "inapp", "body": "Hi"}]
+        assert (
+            await admin.fetchval(
+                "SELECT pgnotify.define_workflow('hello', $1::text::jsonb)", json.dumps(steps)
+            )
+            == 1
+        )
+    finally:
+        await admin.close()
     producer = await asyncpg.connect(await login_as("pgnotify_producer"))
     try:
         run = await producer.fetchval(

@@ -419,7 +419,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "WAKE_GIVE_BACK": ("webhook",),
         "WAKE_HANDOVER_DONE": ("webhook",),
         "WAKE_OTHERS": ("webhook",),
-        "WF_CLAIM": (None,),
+        "WF_CLAIM": (None, 5),
         "WF_FACTS": (run,),
         "WF_PREFERENCE": ("ada", "email", None),
         "WF_SEND": ("workflow:1:x", "ada", "inapp", None, None, None, "Hi", None, "{}", 0),
@@ -483,7 +483,7 @@ async def test_producers_trigger_and_cancel_runs_and_the_worker_role_evaluates_t
         await denied(producer, "UPDATE pgnotify.workflow_runs SET status = 'completed'")
         await denied(producer, "SELECT pgnotify.define_workflow('x', '[]')")
         await denied(producer, "INSERT INTO pgnotify.workflows (name, version) VALUES ('x', 1)")
-        await denied(producer, queries.WF_CLAIM, None)
+        await denied(producer, queries.WF_CLAIM, None, 1)
     finally:
         await producer.close()
 

@@ -662,7 +662,7 @@ async def test_a_worker_killed_between_steps_loses_nothing_and_sends_nothing_twi
     await define(
         conn,
         "killed",
-        [INAPP, {"name": "w", "kind": "delay", "seconds": 1}, {**INAPP, "name": "second"}],
+        [INAPP, {"name": "w", "kind": "delay", "seconds": 4}, {**INAPP, "name": "second"}],
     )
     env = replica_env(
         dsn,
@@ -670,13 +670,21 @@ async def test_a_worker_killed_between_steps_loses_nothing_and_sends_nothing_twi
         PGNOTIFY_CHANNELS="inapp",
         PGNOTIFY_CHANNEL_CONCURRENCY="inapp=5",
         PGNOTIFY_WORKFLOW_POLL_INTERVAL="0.2",
+        # a notification the killed worker had claimed comes back when its lease expires
+        PGNOTIFY_LEASE_SECONDS="2",
+        PGNOTIFY_REAP_INTERVAL="0.3",
     )
     first = await WorkerProcess(env).start()
     second = WorkerProcess({**env, "PGNOTIFY_WORKER_ID": "wf-b"})
     try:
         await first.ready()
         run_id = await trigger(conn, "killed")
-        await first.wait_action("workflow_waiting")  # the first step is committed; now a delay
+        # the first step and the delay are committed: the run waits as a row
+        await wait_for(
+            conn,
+            "SELECT count(*) = 2 FROM pgnotify.workflow_run_steps WHERE run_id = $1",
+            run_id,
+        )
         first.kill()
         assert await first.wait() != 0
         await second.start()
@@ -802,3 +810,30 @@ async def test_the_fallback_example_goes_from_in_app_to_email_to_sms(
     }
     (texted,) = [json.loads(line) for line in outbox.read_text().splitlines()]
     assert "Bo replied to you: https://example.com/t/7" in json.dumps(texted)
+
+
+async def test_a_run_that_breaks_the_evaluation_fails_alone_and_its_batch_goes_on(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgnotify_worker.adapters import workflow_runner
+
+    await define(conn, "fine", [INAPP])
+    await define(conn, "cursed", [INAPP])
+    good = await trigger(conn, "fine")
+    bad = await trigger(conn, "cursed")
+    real_parse = workflow_runner.parse
+
+    def parse(name: str, *args: Any) -> Any:
+        if name == "cursed":
+            raise ValueError("a bug")
+        return real_parse(name, *args)
+
+    monkeypatch.setattr(workflow_runner, "parse", parse)
+    assert await WorkflowRunner(pool, "w", batch=20).run_due() == 2  # one transaction
+    assert (await run_of(conn, good))["status"] == "completed"
+    broken = await run_of(conn, bad)
+    assert (broken["status"], broken["reason"]) == (
+        "failed",
+        "cannot evaluate: ValueError: a bug",
+    )
+    assert await made_by(conn, bad) == {}

@@ -555,8 +555,9 @@ ON CONFLICT (channel, worker) DO UPDATE
 SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until
 """
 
-# wf_claim: lock the most overdue running workflow run (at the database's now, or $1 when a
-# test stands in for the clock), with its definition, the recipient's time zone and that now.
+# wf_claim: lock up to $2 of the most overdue running workflow runs (due at the database's now,
+# or $1 when a test stands in for the clock), with their definitions, the recipient's time zone
+# and that now; runs other workers hold are skipped.
 WF_CLAIM = """
 SELECT r.id, r.workflow, r.version, r.user_id, r.payload, r.current_step, w.category,
        coalesce(c.timezone, 'UTC') AS timezone, coalesce($1::timestamptz, now()) AS db_now,
@@ -569,7 +570,7 @@ JOIN pgnotify.workflows w ON w.name = r.workflow AND w.version = r.version
 LEFT JOIN pgnotify.contacts c ON c.user_id = r.user_id
 WHERE r.status = 'running' AND r.next_at <= coalesce($1::timestamptz, now())
 ORDER BY r.next_at, r.id
-LIMIT 1
+LIMIT $2
 FOR UPDATE OF r SKIP LOCKED
 """
 

@@ -51,6 +51,7 @@ class WorkflowRunner:
     worker_id: str
     poll_interval: float = 5.0
     recheck_interval: float = 15.0
+    batch: int = 20  # runs per transaction
     _wake: anyio.Event = field(default_factory=anyio.Event)
 
     def on_wake(self, wake: Wake) -> None:
@@ -62,15 +63,39 @@ class WorkflowRunner:
         """NOTIFYs may have been missed while the listener was away: look now."""
         self._wake.set()
 
-    async def run_one(self, at: dt.datetime | None = None) -> bool:
-        """Evaluate the most overdue run, if any; False when none is due. `at` stands in for
-        the database clock (tests of a delay until a local time)."""
+    async def run_due(self, at: dt.datetime | None = None, limit: int | None = None) -> int:
+        """Evaluate up to `limit` (default: batch) of the most overdue runs in one transaction,
+        each in a savepoint of its own; how many. `at` stands in for the database clock (tests
+        of a delay until a local time). One commit for the batch: the commit's flush, not the
+        evaluation, is what a run costs on a durable database."""
         async with self.pool.acquire() as conn, conn.transaction():
-            run = await conn.fetchrow(queries.WF_CLAIM, at)
-            if run is None:
-                return False
-            await self._evaluate(conn, run)
-        return True
+            runs = await conn.fetch(queries.WF_CLAIM, at, limit or self.batch)
+            for run in runs:
+                try:
+                    async with conn.transaction():  # a savepoint: a run that breaks fails alone
+                        await self._evaluate(conn, run)
+                except DB_ERRORS:
+                    raise  # the database or the connection: the whole batch is tried again
+                except Exception as exc:  # a bug: never evaluate this run again and again
+                    log.exception(
+                        "workflow run %s cannot be evaluated",
+                        run["id"],
+                        extra={"action": "workflow_failed"},
+                    )
+                    reason = f"cannot evaluate: {type(exc).__name__}: {exc}"[:500]
+                    await conn.execute(
+                        queries.WF_MOVE,
+                        run["id"],
+                        run["current_step"],
+                        run["db_now"],
+                        "failed",
+                        reason,
+                    )
+        return len(runs)
+
+    async def run_one(self, at: dt.datetime | None = None) -> bool:
+        """Evaluate the most overdue run, if any; False when none is due."""
+        return await self.run_due(at, 1) > 0
 
     async def _evaluate(self, conn: Conn, run: asyncpg.Record) -> None:
         run_id: int = run["id"]
@@ -270,7 +295,7 @@ class WorkflowRunner:
         while True:
             wait = self.poll_interval
             try:
-                while await self.run_one():
+                while await self.run_due() == self.batch:
                     pass
                 async with self.pool.acquire() as conn:
                     due = await conn.fetchval(queries.WF_NEXT_DUE)

@@ -105,6 +105,7 @@ bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
+	$(BIN)/python -m bench.workflows
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
 
@@ -112,6 +113,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
+	$(BIN)/python -m bench.workflows --smoke
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
 

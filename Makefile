@@ -120,6 +120,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.pgqueuer_compare
 	$(BIN)/python -m bench.providers
 	$(BIN)/python -m bench.chat
+	$(BIN)/python -m bench.workflows
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
 	$(BIN)/python -m bench.inbox
@@ -129,6 +130,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.pgqueuer_compare --smoke  # skipped without the bench extra
 	$(BIN)/python -m bench.providers --smoke
 	$(BIN)/python -m bench.chat --smoke
+	$(BIN)/python -m bench.workflows --smoke
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
 	$(BIN)/python -m bench.inbox --smoke

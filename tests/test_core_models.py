@@ -16,6 +16,7 @@ from pgnotify_worker.models import (
     Wake,
     WakeChannel,
     WakeScheduled,
+    WakeWorkflows,
     parse_wake,
 )
 
@@ -32,6 +33,7 @@ def test_channel_payload_wakes_that_channel(channel: str) -> None:
     [
         ("scheduled", WakeScheduled()),
         ("templates", TemplatesChanged()),
+        ("workflows", WakeWorkflows()),
         ("ping:abc", Ping("abc")),
         ("ping:", Ping("")),
         ("ping:a:b", Ping("a:b")),

@@ -4,6 +4,7 @@ nothing, connect with asyncpg and do what their role allows, and nothing else.""
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -345,6 +346,10 @@ async def test_the_worker_role_may_run_every_worker_query(
         "user_id => 'ada', category => 'billing')"
     )
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    await conn.execute(
+        'SELECT pgnotify.define_workflow(\'w\', \'[{"kind": "send", "channel": "inapp"}]\')'
+    )
+    run = await conn.fetchval("SELECT pgnotify.trigger('w', 'ada')")
     arrays = ([nid], [1], ["sent"], ["sent"], [0.0], [None], [None], ["webhook"], [None])
     args: dict[str, tuple[object, ...]] = {
         "CLAIM": ("email", 10, "w", 30.0, None),
@@ -434,6 +439,15 @@ async def test_the_worker_role_may_run_every_worker_query(
         "INBOX_ARCHIVE": ("ada", [1]),
         "INBOX_ARCHIVE_ALL": ("ada",),
         "INBOX_UNARCHIVE": ("ada", [1]),
+        "WF_CLAIM": (None, 5),
+        "WF_FACTS": (run,),
+        "WF_PREFERENCE": ("ada", "email", None),
+        "WF_SEND": ("workflow:1:x", "ada", "inapp", None, None, None, "Hi", None, "{}", 0),
+        "WF_SENT_BEFORE": ("workflow:1:x",),
+        "WF_RECORD": (run, "step1", "send", "created", None, None, "w"),
+        "WF_MOVE": (run, "step1", soon, "running", None),
+        "WF_CANCEL": (run, "test"),
+        "WF_NEXT_DUE": (),
     }
     admin_only = {"CANCEL", "RETRY", "REPLAY_CANDIDATES", "REPLAY", "PURGE_PREVIEW", "PURGE"}
     assert set(args) == set(queries.ALL) - admin_only
@@ -448,3 +462,69 @@ async def test_the_worker_role_may_run_every_worker_query(
         await denied(worker, queries.CANCEL, nid)
     finally:
         await worker.close()
+
+
+async def test_producers_trigger_and_cancel_runs_and_the_worker_role_evaluates_them(
+    conn: asyncpg.Connection, login_as: LoginAs
+) -> None:
+    from pgnotify_worker.adapters import db as dbmod
+    from pgnotify_worker.adapters import queries
+    from pgnotify_worker.adapters.workflow_runner import WorkflowRunner
+
+    admin = await asyncpg.connect(await login_as("pgnotify_admin"))
+    try:  # an admin (or the schema owner) defines workflows
+        steps = [{"kind": "send", "channel": "inapp", "body": "Hi"}]
+        assert (
+            await admin.fetchval(
+                "SELECT pgnotify.define_workflow('hello', $1::text::jsonb)", json.dumps(steps)
+            )
+            == 1
+        )
+    finally:
+        await admin.close()
+    producer = await asyncpg.connect(await login_as("pgnotify_producer"))
+    try:
+        run = await producer.fetchval(
+            "SELECT pgnotify.trigger('hello', 'ada', '{\"n\": 1}', idempotency_key => 'k1')"
+        )
+        assert (
+            await producer.fetchval(
+                "SELECT pgnotify.trigger('hello', 'ada', '{\"n\": 1}', idempotency_key => 'k1')"
+            )
+            == run
+        )
+        other = await producer.fetchval("SELECT pgnotify.trigger('hello', 'bo')")
+        assert await producer.fetchval("SELECT pgnotify.cancel_run($1::bigint, 'no')", other)
+        assert await producer.fetchval("SELECT pgnotify.cancel_run('no-such-key')") is False
+        # runs are not a producer's to read, change or define
+        await denied(producer, "SELECT * FROM pgnotify.workflow_runs")
+        await denied(producer, "SELECT * FROM pgnotify.workflow_runs_view")
+        await denied(producer, "SELECT * FROM pgnotify.workflow_run_steps")
+        await denied(producer, "UPDATE pgnotify.workflow_runs SET status = 'completed'")
+        await denied(producer, "SELECT pgnotify.define_workflow('x', '[]')")
+        await denied(producer, "INSERT INTO pgnotify.workflows (name, version) VALUES ('x', 1)")
+        await denied(producer, queries.WF_CLAIM, None, 1)
+    finally:
+        await producer.close()
+
+    worker_dsn = await login_as("pgnotify_worker")
+    pool = await dbmod.create_pool(worker_dsn, min_size=1, max_size=2)
+    try:
+        runner = WorkflowRunner(pool, "w")
+        assert await runner.run_one()
+        assert not await runner.run_one()  # the cancelled run is left alone
+        async with pool.acquire() as worker:
+            await denied(worker, "SELECT pgnotify.trigger('hello', 'x')")
+            await denied(worker, "SELECT pgnotify.define_workflow('x', '[]')")
+            await denied(worker, "DELETE FROM pgnotify.workflow_runs")
+    finally:
+        await pool.close()
+    statuses = await conn.fetch("SELECT id, status FROM pgnotify.workflow_runs ORDER BY id")
+    assert [(r["id"], r["status"]) for r in statuses] == [(run, "completed"), (other, "cancelled")]
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.notifications WHERE idempotency_key = $1",
+            f"workflow:{run}:step1",
+        )
+        == 1
+    )

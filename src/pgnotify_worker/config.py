@@ -192,6 +192,21 @@ class CoreSettings(BaseSettings):
         1, ge=1, le=7, description="Day of the weekly digest (ISO: 1 = Monday ... 7 = Sunday)."
     )
     jobs: bool = Field(True, description="Run periodic jobs (pgnotify.jobs) in this replica.")
+    workflows: bool = Field(
+        True, description="Evaluate workflow runs (pgnotify.trigger) in this replica."
+    )
+    workflow_poll_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait between looks for due workflow runs (a trigger's NOTIFY and "
+        "the earliest next_at wake it sooner).",
+    )
+    workflow_recheck_interval: float = Field(
+        15.0,
+        gt=0,
+        description="How often a workflow condition on a notification still on its way (sent? "
+        "failed?) looks again.",
+    )
     tracing: bool = Field(
         True,
         description="OpenTelemetry spans per claim and per send (when the tracing extra is "

@@ -188,6 +188,11 @@ class WakeScheduled:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeWorkflows:
+    """A workflow run was triggered (pgnotify.trigger)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TemplatesChanged:
     """pgnotify.templates changed; drop cached templates."""
 
@@ -206,7 +211,7 @@ class Unknown:
     payload: str = field(default="")
 
 
-Wake = WakeChannel | WakeScheduled | TemplatesChanged | Ping | Unknown
+Wake = WakeChannel | WakeScheduled | WakeWorkflows | TemplatesChanged | Ping | Unknown
 
 
 def parse_wake(payload: str) -> Wake:
@@ -217,6 +222,8 @@ def parse_wake(payload: str) -> Wake:
         return WakeScheduled()
     if payload == "templates":
         return TemplatesChanged()
+    if payload == "workflows":
+        return WakeWorkflows()
     if payload.startswith("ping:"):
         return Ping(payload[5:])
     return Unknown(payload)

@@ -23,6 +23,7 @@ from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.adapters.providers.spec import reveal
 from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints, share_limits
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
+from pgnotify_worker.adapters.workflow_runner import WorkflowRunner
 from pgnotify_worker.config import Settings
 from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.core.circuit import CircuitState
@@ -37,7 +38,7 @@ from pgnotify_worker.delivery.limits import SharedLimits
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
-from pgnotify_worker.models import ListenerState
+from pgnotify_worker.models import ListenerState, Wake
 from pgnotify_worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -282,12 +283,26 @@ class Service:
 
             destinations = self.destinations
             background = [lambda: destinations.watch(s.queue_metrics_interval), self._modes_loop]
+            flows = WorkflowRunner(
+                pool, self.worker_id, s.workflow_poll_interval, s.workflow_recheck_interval
+            )
+            if s.workflows:
+                background.append(flows.run)
+
+            def on_wake(wake: Wake) -> None:
+                worker.on_wake(wake)
+                flows.on_wake(wake)
+
+            def on_connect() -> None:
+                worker.on_listener_connect()
+                flows.on_listener_connect()
+
             if s.listen:
                 listener = Listener(
                     self.listen_dsn,
                     self.worker_id,
-                    worker.on_wake,
-                    worker.on_listener_connect,
+                    on_wake,
+                    on_connect,
                     ping_interval=s.listener_ping_interval,
                     ping_timeout=min(5.0, max(1.0, 2 * s.listener_ping_interval)),
                     connect_timeout=s.connect_timeout,

@@ -745,6 +745,82 @@ WITH m AS (
 SELECT count(*) FROM m
 """
 
+# wf_claim: lock up to $2 of the most overdue running workflow runs (due at the database's now,
+# or $1 when a test stands in for the clock), with their definitions, the recipient's time zone
+# and that now; runs other workers hold are skipped.
+WF_CLAIM = """
+SELECT r.id, r.workflow, r.version, r.user_id, r.payload, r.current_step, w.category,
+       coalesce(c.timezone, 'UTC') AS timezone, coalesce($1::timestamptz, now()) AS db_now,
+       (SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object('name', s.name, 'kind', s.kind,
+               'channel', s.channel, 'template', s.template)) || s.settings ORDER BY s.position)
+        FROM pgnotify.workflow_steps s
+        WHERE s.workflow = r.workflow AND s.version = r.version) AS steps
+FROM pgnotify.workflow_runs r
+JOIN pgnotify.workflows w ON w.name = r.workflow AND w.version = r.version
+LEFT JOIN pgnotify.contacts c ON c.user_id = r.user_id
+WHERE r.status = 'running' AND r.next_at <= coalesce($1::timestamptz, now())
+ORDER BY r.next_at, r.id
+LIMIT $2
+FOR UPDATE OF r SKIP LOCKED
+"""
+
+# wf_facts: what run $1's steps did so far, with their notifications' status, read state and
+# provider events (delivered, clicked, bounced ...).
+WF_FACTS = """
+SELECT s.step, s.outcome, n.status, n.channel, i.read_at IS NOT NULL AS read,
+       coalesce((SELECT array_agg(DISTINCT e.event) FROM pgnotify.events e
+                 WHERE e.notification_id = s.notification_id), '{}') AS events
+FROM pgnotify.workflow_run_steps s
+LEFT JOIN pgnotify.notifications n ON n.id = s.notification_id
+LEFT JOIN pgnotify.inbox i ON i.notification_id = s.notification_id
+WHERE s.run_id = $1 AND s.kind = 'send'
+"""
+
+# wf_preference: user $1's setting for channel $2 and category $3 (immediate/daily/weekly/off).
+WF_PREFERENCE = "SELECT pgnotify.preference_of($1, $2, $3)"
+
+# wf_send: a run step's notification to user $2 on channel $3, at the address they have there,
+# under the deterministic key $1 (a repeat makes nothing); no row when they have no address.
+WF_SEND = """
+INSERT INTO pgnotify.notifications AS n (channel, recipient, user_id, category, template,
+    subject, body, html_body, locale, payload, priority, idempotency_key)
+SELECT $3, t.recipient, $2, $4, $5, $6, $7, $8,
+       (SELECT c.locale FROM pgnotify.contacts c WHERE c.user_id = $2), $9::jsonb, $10, $1
+FROM (SELECT pgnotify.address_of($2, $3) AS recipient) t
+WHERE t.recipient IS NOT NULL
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING n.id, n.status
+"""
+
+# wf_sent_before: the notification already made under key $1 (a step repeated after a crash).
+WF_SENT_BEFORE = "SELECT id, status FROM pgnotify.notifications WHERE idempotency_key = $1"
+
+# wf_record: what step $2 (kind $3) of run $1 did ($4, $5, notification $6), by worker $7; once.
+WF_RECORD = """
+INSERT INTO pgnotify.workflow_run_steps (run_id, step, kind, outcome, detail, notification_id,
+                                         worker)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (run_id, step) DO NOTHING
+"""
+
+# wf_move: run $1 goes on at step $2 at $3, or ends ($4 not running) with reason $5.
+WF_MOVE = """
+UPDATE pgnotify.workflow_runs
+SET current_step = $2, next_at = $3, status = $4, reason = $5, updated_at = now(),
+    evaluations = evaluations + 1,
+    finished_at = CASE WHEN $4 = 'running' THEN NULL ELSE now() END
+WHERE id = $1
+"""
+
+# wf_cancel: cancel run $1 with reason $2 (and its notifications not sent yet).
+WF_CANCEL = "SELECT pgnotify.cancel_run($1::bigint, $2::text)"
+
+# wf_next_due: seconds until the earliest running workflow run is due (NULL: none).
+WF_NEXT_DUE = """
+SELECT extract(epoch FROM min(next_at) - now())::float8 FROM pgnotify.workflow_runs
+WHERE status = 'running'
+"""
+
 ALL = {
     name: value
     for name, value in dict(globals()).items()

@@ -26,6 +26,7 @@ from pgnotify_worker.models import (
     Wake,
     WakeChannel,
     WakeScheduled,
+    WakeWorkflows,
 )
 from pgnotify_worker.ports import DeliveryMetrics, DeliveryStore
 from pgnotify_worker.tracing import Tracing
@@ -146,8 +147,8 @@ class Worker:
                 self.templates.invalidate()
             case Unknown():
                 self.wake_all()
-            case Ping():
-                pass
+            case Ping() | WakeWorkflows():
+                pass  # the workflow runner (adapters/workflow_runner.py) hears its own
 
     def wake_all(self) -> None:
         """Sweep: every channel claims and the scheduler looks again (poll, reconnect)."""

@@ -220,9 +220,12 @@ async def test_a_status_webhook_is_signed_retried_on_503_and_never_loops(
     }
     assert second.headers["Content-Type"] == "application/json"
     # no loop: the status webhook's own processing/scheduled/sent produced no further one
-    assert await conn.fetchval(
-        "SELECT count(*) FROM pgnotify.notifications WHERE category = 'pgnotify_status'"
-    ) == 1
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.notifications WHERE category = 'pgnotify_status'"
+        )
+        == 1
+    )
 
 
 async def test_a_global_status_webhook_gets_provider_reports_and_template_syntax_is_inert(

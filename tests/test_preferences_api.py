@@ -48,10 +48,12 @@ async def call(
 ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as http:
-        async with http.request(method, url, json=body, headers=headers) as answer:
-            data = await answer.json() if answer.content_type == "application/json" else None
-            return answer.status, data, answer.headers
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, url, json=body, headers=headers) as answer,
+    ):
+        data = await answer.json() if answer.content_type == "application/json" else None
+        return answer.status, data, answer.headers
 
 
 async def test_get_shows_the_token_users_preferences(api: str, conn: asyncpg.Connection) -> None:
@@ -115,7 +117,9 @@ async def test_a_token_for_one_user_never_touches_another(
     assert status == 200 and view["user_id"] == "ann"
     status, bob, _ = await call("GET", api + "?user_id=bob", token_for("ann"))
     assert bob["user_id"] == "ann"
-    assert await conn.fetchval("SELECT count(*) FROM pgnotify.preferences WHERE user_id = 'bob'") == 0
+    assert (
+        await conn.fetchval("SELECT count(*) FROM pgnotify.preferences WHERE user_id = 'bob'") == 0
+    )
     assert await conn.fetchval(
         "SELECT unsubscribed_at IS NULL FROM pgnotify.contacts WHERE user_id = 'bob'"
     )

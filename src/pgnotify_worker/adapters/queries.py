@@ -555,21 +555,6 @@ ON CONFLICT (channel, worker) DO UPDATE
 SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until
 """
 
-ALL = {
-    name: value
-    for name, value in dict(globals()).items()
-    if name.isupper() and isinstance(value, str) and not name.startswith("_")
-}
-
-
-def digest_job(period: str, hour: int, weekday: int) -> str:
-    """The stored command of a built-in digest job (text kept in pgnotify.jobs.command, so it
-    is data, not a statement we run with parameters); only known words and integers go in."""
-    if period not in ("daily", "weekly"):
-        raise ValueError(f"unknown digest period {period!r}")
-    return f"SELECT pgnotify.build_digests('{period}', now(), {int(hour)}, {int(weekday)})"
-
-
 # preference_categories: what user $1 may choose per category (pgnotify's own categories left
 # out): flags, the category's channels and the effective setting on each, and the consent.
 PREFERENCE_CATEGORIES = """
@@ -594,3 +579,18 @@ FROM pgnotify.contacts WHERE user_id = $1
 SAVE_PREFERENCES = """
 SELECT pgnotify.save_preferences($1, $2::jsonb, $3)
 """
+
+
+ALL = {
+    name: value
+    for name, value in dict(globals()).items()
+    if name.isupper() and isinstance(value, str) and not name.startswith("_")
+}
+
+
+def digest_job(period: str, hour: int, weekday: int) -> str:
+    """The stored command of a built-in digest job (text kept in pgnotify.jobs.command, so it
+    is data, not a statement we run with parameters); only known words and integers go in."""
+    if period not in ("daily", "weekly"):
+        raise ValueError(f"unknown digest period {period!r}")
+    return f"SELECT pgnotify.build_digests('{period}', now(), {int(hour)}, {int(weekday)})"

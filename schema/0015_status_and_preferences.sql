@@ -112,6 +112,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgnotify, pg_tem
 DECLARE
     hook record;
     data text;
+    refusal text;
 BEGIN
     PERFORM pg_notify('pgnotify_status', json_build_object(
         'id', p_id, 'event', p_event, 'status', p_status, 'channel', p_channel,
@@ -120,13 +121,13 @@ BEGIN
         RETURN;  -- a status webhook's own delivery: never announced by another (no loop)
     END IF;
     FOR hook IN
-        SELECT w.url FROM pgnotify.status_webhooks w
+        SELECT w.id, w.url FROM pgnotify.status_webhooks w
         WHERE w.enabled AND (w.category IS NULL OR w.category = p_category)
           AND p_event = ANY (w.events)
     LOOP
-        IF pgnotify.webhook_host_refusal(hook.url) IS NOT NULL THEN
-            RAISE WARNING 'pgnotify: status webhook % skipped: %', hook.url,
-                pgnotify.webhook_host_refusal(hook.url);
+        refusal := pgnotify.webhook_host_refusal(hook.url);
+        IF refusal IS NOT NULL THEN  -- the hook's id, not its URL (which may carry a token)
+            RAISE WARNING 'pgnotify: status webhook % skipped: %', hook.id, refusal;
             CONTINUE;
         END IF;
         data := json_build_object(
@@ -321,15 +322,19 @@ BEGIN
     IF NOT (p_changes ?| ARRAY['timezone', 'quiet_hours', 'unsubscribed']) THEN
         RETURN changes;
     END IF;
-    INSERT INTO pgnotify.contacts (user_id) VALUES (p_user) ON CONFLICT (user_id) DO NOTHING;
     SELECT * INTO cur FROM pgnotify.contacts c WHERE c.user_id = p_user FOR UPDATE;
+    IF NOT FOUND THEN  -- a contact row is made only when something changes
+        cur.user_id := p_user;
+        cur.timezone := 'UTC';
+    END IF;
     IF p_changes ? 'timezone' THEN
         IF jsonb_typeof(p_changes -> 'timezone') <> 'string' THEN
             PERFORM pgnotify.reject_in('contacts', 'timezone',
                 'timezone must be an IANA name such as Europe/Paris');
         END IF;
         IF cur.timezone IS DISTINCT FROM p_changes ->> 'timezone' THEN
-            UPDATE pgnotify.contacts SET timezone = p_changes ->> 'timezone' WHERE user_id = p_user;
+            INSERT INTO pgnotify.contacts (user_id, timezone) VALUES (p_user, p_changes ->> 'timezone')
+            ON CONFLICT (user_id) DO UPDATE SET timezone = EXCLUDED.timezone;
             INSERT INTO pgnotify.preference_history (user_id, field, old_value, new_value, source)
             VALUES (p_user, 'timezone', cur.timezone, p_changes ->> 'timezone', p_source);
             changes := changes + 1;
@@ -352,8 +357,10 @@ BEGIN
             new_end := (p_changes #>> '{quiet_hours,end}')::time;
         END IF;
         IF cur.quiet_start IS DISTINCT FROM new_start OR cur.quiet_end IS DISTINCT FROM new_end THEN
-            UPDATE pgnotify.contacts SET quiet_start = new_start, quiet_end = new_end
-            WHERE user_id = p_user;
+            INSERT INTO pgnotify.contacts (user_id, quiet_start, quiet_end)
+            VALUES (p_user, new_start, new_end)
+            ON CONFLICT (user_id) DO UPDATE
+                SET quiet_start = EXCLUDED.quiet_start, quiet_end = EXCLUDED.quiet_end;
             INSERT INTO pgnotify.preference_history (user_id, field, old_value, new_value, source)
             VALUES (p_user, 'quiet_hours',
                     CASE WHEN cur.quiet_start IS NOT NULL
@@ -370,7 +377,8 @@ BEGIN
         END IF;
         IF (cur.unsubscribed_at IS NOT NULL) <> (p_changes -> 'unsubscribed')::boolean THEN
             new_unsub := CASE WHEN (p_changes -> 'unsubscribed')::boolean THEN now() END;
-            UPDATE pgnotify.contacts SET unsubscribed_at = new_unsub WHERE user_id = p_user;
+            INSERT INTO pgnotify.contacts (user_id, unsubscribed_at) VALUES (p_user, new_unsub)
+            ON CONFLICT (user_id) DO UPDATE SET unsubscribed_at = EXCLUDED.unsubscribed_at;
             INSERT INTO pgnotify.preference_history (user_id, field, old_value, new_value, source)
             VALUES (p_user, 'unsubscribed', (cur.unsubscribed_at IS NOT NULL)::text,
                     (new_unsub IS NOT NULL)::text, p_source);

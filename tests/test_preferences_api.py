@@ -223,3 +223,16 @@ async def test_without_an_app_token_secret_the_api_is_absent(
         assert status == 404
         status, _, _ = await call("GET", url.replace("/api/preferences", "/preferences"), None)
         assert status == 404  # nor the page, without an unsubscribe (link) secret
+
+
+async def test_saving_nothing_new_writes_nothing(api: str, conn: asyncpg.Connection) -> None:
+    body = {
+        "timezone": "UTC",
+        "quiet_hours": None,
+        "unsubscribed": False,
+        "preferences": {"news": {"email": "immediate"}},
+    }
+    status, view, _ = await call("PUT", api, token_for("newcomer"), body)
+    assert (status, view["changed"]) == (200, 0)
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.contacts") == 0  # no empty row
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.preference_history") == 0

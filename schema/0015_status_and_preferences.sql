@@ -101,22 +101,19 @@ $fn$;
 CREATE TRIGGER status_webhooks_validate BEFORE INSERT OR UPDATE ON pgnotify.status_webhooks
     FOR EACH ROW EXECUTE FUNCTION pgnotify.validate_status_webhook();
 
--- One status event: the NOTIFY, then a webhook notification per matching status webhook. The
--- body is the Standard Webhooks envelope as text; producer strings in it have '{' written as
--- \u007b, so the template sandbox never reads them as template syntax. A hook whose host is
--- refused in this session is skipped with a warning rather than failing the caller's statement
--- (the worker's completion of a whole batch).
-CREATE FUNCTION pgnotify.status_event(p_id bigint, p_event text, p_status text, p_channel text,
-                                      p_category text, p_user text) RETURNS void
+-- A status event to the status webhooks that want it: one webhook notification each. The body is
+-- the Standard Webhooks envelope as text; producer strings in it have '{' written as \u007b, so
+-- the template sandbox never reads them as template syntax. A hook whose host is refused in this
+-- session is skipped with a warning rather than failing the caller's statement (the worker's
+-- completion of a whole batch). A pgnotify_status row's own events never get here (no loop).
+CREATE FUNCTION pgnotify.enqueue_status_webhooks(p_id bigint, p_event text, p_status text,
+        p_channel text, p_category text, p_user text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgnotify, pg_temp AS $fn$
 DECLARE
     hook record;
     data text;
     refusal text;
 BEGIN
-    PERFORM pg_notify('pgnotify_status', json_build_object(
-        'id', p_id, 'event', p_event, 'status', p_status, 'channel', p_channel,
-        'category', left(p_category, 100), 'user_id', left(p_user, 256))::text);
     IF p_category IS NOT DISTINCT FROM 'pgnotify_status' THEN
         RETURN;  -- a status webhook's own delivery: never announced by another (no loop)
     END IF;
@@ -141,14 +138,23 @@ BEGIN
     END LOOP;
 END
 $fn$;
-COMMENT ON FUNCTION pgnotify.status_event IS
-    'NOTIFY pgnotify_status with one status event, and enqueue it to the matching status webhooks.';
+COMMENT ON FUNCTION pgnotify.enqueue_status_webhooks IS
+    'Enqueue one status event to the matching status webhooks (webhook channel, category '
+    'pgnotify_status).';
 
+-- The hot path (two status changes per delivery): the NOTIFY, and the webhook function only when
+-- a status webhook is enabled at all (an index-only look at an empty or tiny table otherwise).
 CREATE FUNCTION pgnotify.notification_status_changed() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM pgnotify.status_event(NEW.id, NEW.status, NEW.status, NEW.channel, NEW.category,
-                                  NEW.user_id);
+    PERFORM pg_notify('pgnotify_status', json_build_object(
+        'id', NEW.id, 'event', NEW.status, 'status', NEW.status, 'channel', NEW.channel,
+        'category', left(NEW.category, 100), 'user_id', left(NEW.user_id, 256))::text);
+    IF NEW.category IS DISTINCT FROM 'pgnotify_status'
+            AND EXISTS (SELECT 1 FROM pgnotify.status_webhooks w WHERE w.enabled) THEN
+        PERFORM pgnotify.enqueue_status_webhooks(NEW.id, NEW.status, NEW.status, NEW.channel,
+                                                 NEW.category, NEW.user_id);
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -166,7 +172,11 @@ BEGIN
     SELECT id, status, channel, category, user_id INTO n
     FROM pgnotify.notifications WHERE id = NEW.notification_id;
     IF FOUND THEN
-        PERFORM pgnotify.status_event(n.id, NEW.event, n.status, n.channel, n.category, n.user_id);
+        PERFORM pg_notify('pgnotify_status', json_build_object(
+            'id', n.id, 'event', NEW.event, 'status', n.status, 'channel', n.channel,
+            'category', left(n.category, 100), 'user_id', left(n.user_id, 256))::text);
+        PERFORM pgnotify.enqueue_status_webhooks(n.id, NEW.event, n.status, n.channel, n.category,
+                                                 n.user_id);
     END IF;
     RETURN NULL;
 END
@@ -393,15 +403,16 @@ COMMENT ON FUNCTION pgnotify.save_preferences IS
     'one source, refusing critical opt-outs, and record each change in preference_history.';
 
 PERFORM pgnotify.apply_grants();
-REVOKE ALL ON FUNCTION pgnotify.status_event(bigint, text, text, text, text, text) FROM PUBLIC;
 IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgnotify_worker') THEN
     GRANT EXECUTE ON FUNCTION pgnotify.save_preferences(text, jsonb, text),
         pgnotify.wait_for(bigint, double precision),
-        pgnotify.status_event(bigint, text, text, text, text, text)
+        pgnotify.enqueue_status_webhooks(bigint, text, text, text, text, text)
         TO pgnotify_worker;
+    -- the status trigger looks whether any status webhook is enabled before calling it
+    GRANT SELECT ON pgnotify.status_webhooks TO pgnotify_worker;
 END IF;
 IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgnotify_producer') THEN
-    -- cancel() changes a status as its owner; the producer's own calls never need status_event
+    -- (cancel() changes a status as its owner: the producer needs nothing for the trigger)
     GRANT EXECUTE ON FUNCTION pgnotify.save_preferences(text, jsonb, text) TO pgnotify_producer;
 END IF;
 IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgnotify_admin') THEN

@@ -124,6 +124,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
 	$(BIN)/python -m bench.inbox
+	$(BIN)/python -m bench.status_notify
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -134,6 +135,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
 	$(BIN)/python -m bench.inbox --smoke
+	$(BIN)/python -m bench.status_notify --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -49,6 +49,14 @@ class StoreUnavailable(StoreError):
     """The database is unreachable or restarting: retry with back-off."""
 
 
+class PreferenceRejected(PgnotifyError):
+    """A preference change the database refused; `field` names what is wrong."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 class ListenerUnhealthy(PgnotifyError):
     """The LISTEN connection is open but a NOTIFY round trip did not come back."""
 

@@ -20,11 +20,13 @@ from pgnotify_worker.adapters.inbox_http import inbox_routes
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
 from pgnotify_worker.adapters.metrics import Metrics
+from pgnotify_worker.adapters.preferences_http import PreferenceCentre
 from pgnotify_worker.adapters.providers.spec import reveal
 from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints, share_limits
 from pgnotify_worker.adapters.unsubscribe_http import UnsubscribePages
 from pgnotify_worker.adapters.workflow_runner import WorkflowRunner
 from pgnotify_worker.config import Settings
+from pgnotify_worker.core import preference_links
 from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.core.circuit import CircuitState
 from pgnotify_worker.core.redact import Scrubber
@@ -174,11 +176,21 @@ class Service:
                 cors_origins=s.app_cors_origins,
                 connect_timeout=s.connect_timeout,
             )
+            preferences = PreferenceCentre(
+                lambda: self.store,
+                unsubscribe_key,
+                app_secret=s.app_token_secret.get_secret_value().encode()
+                if s.app_token_secret
+                else None,
+                app_max_lifetime=s.app_token_max_lifetime,
+                app_audience=s.app_token_audience,
+                cors_origins=s.app_cors_origins,
+            )
             app = http_server.make_app(
                 self.status,
                 self.ready_reasons,
                 self.metrics.render,
-                (inbound.routes, pages.routes, inbox),
+                (inbound.routes, pages.routes, inbox, preferences.routes),
                 status_token=reveal(s.status_token),
             )
             try:
@@ -253,6 +265,7 @@ class Service:
                 ),
                 sms_region=s.sms_default_region,
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
+                preferences_url=self._preference_links(unsubscribe_key),
                 tracing=tracing,
             )
             enabled = {
@@ -397,6 +410,19 @@ class Service:
         def link(user_id: str, category: str | None) -> str:
             token = make_token(key, user_id, category, int(time.time()) + lifetime)
             return f"{base.rstrip('/')}/unsubscribe?token={token}"
+
+        return link
+
+    def _preference_links(self, key: bytes | None) -> Callable[[str], str] | None:
+        """Preference-centre links for templates (preferences_url): the unsubscribe key's."""
+        base = self.settings.public_base_url
+        if key is None or not base:
+            return None
+        lifetime = self.settings.unsubscribe_link_days * 86_400
+
+        def link(user_id: str) -> str:
+            token = preference_links.make_token(key, user_id, int(time.time()) + lifetime)
+            return f"{base.rstrip('/')}/preferences?token={token}"
 
         return link
 

@@ -14,7 +14,7 @@ import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.core.redact import Scrubber
-from pgnotify_worker.errors import StoreError, StoreUnavailable
+from pgnotify_worker.errors import PreferenceRejected, StoreError, StoreUnavailable
 from pgnotify_worker.models import Completion, Notification, TemplateRow, TokenGrant
 
 # Errors that mean "the database is unreachable or restarting": retry with back-off.
@@ -441,6 +441,45 @@ class QueueStore:
     async def opt_out(self, user_id: str, category: str) -> None:
         """Record an unsubscribe ('*' = everything)."""
         await self.pool.fetchval(queries.OPT_OUT, user_id, category)
+
+    @translated
+    async def preferences_of(self, user_id: str) -> dict[str, Any]:
+        """What the preference centre shows: categories x channels, time zone, quiet hours."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            categories = await conn.fetch(queries.PREFERENCE_CATEGORIES, user_id)
+            contact = await conn.fetchrow(queries.PREFERENCE_CONTACT, user_id)
+        quiet = None
+        if contact is not None and contact["quiet_start"] is not None:
+            quiet = {"start": contact["quiet_start"], "end": contact["quiet_end"]}
+        return {
+            "user_id": user_id,
+            "categories": [
+                {
+                    "name": row["name"],
+                    "description": row["description"],
+                    "critical": row["critical"],
+                    "requires_consent": row["requires_consent"],
+                    "consent": row["consent"],
+                    "channels": dict(zip(row["channels"], row["settings"], strict=True)),
+                }
+                for row in categories
+            ],
+            "timezone": contact["timezone"] if contact is not None else "UTC",
+            "quiet_hours": quiet,
+            "unsubscribed": bool(contact["unsubscribed"]) if contact is not None else False,
+        }
+
+    async def save_preferences(self, user_id: str, changes: dict[str, Any], source: str) -> int:
+        """Apply a user's changes in one statement; PreferenceRejected names the bad field."""
+        try:
+            return int(await self.pool.fetchval(queries.SAVE_PREFERENCES, user_id, changes, source))
+        except (asyncpg.CheckViolationError, asyncpg.ForeignKeyViolationError) as exc:
+            message = str(getattr(exc, "message", "") or exc).removeprefix("pgnotify: ")
+            raise PreferenceRejected(getattr(exc, "column_name", None), message) from None
+        except DB_UNAVAILABLE as exc:
+            raise StoreUnavailable("save_preferences", exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError("save_preferences", exc) from exc
 
     @translated
     async def category_is_critical(self, category: str) -> bool:

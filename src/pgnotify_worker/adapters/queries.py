@@ -820,6 +820,31 @@ WF_NEXT_DUE = """
 SELECT extract(epoch FROM min(next_at) - now())::float8 FROM pgnotify.workflow_runs
 WHERE status = 'running'
 """
+# preference_categories: what user $1 may choose per category (pgnotify's own categories left
+# out): flags, the category's channels and the effective setting on each, and the consent.
+PREFERENCE_CATEGORIES = """
+SELECT c.name, c.description, c.critical, c.requires_consent, c.channels,
+       ARRAY(SELECT pgnotify.preference_of($1, ch, c.name) FROM unnest(c.channels) ch) AS settings,
+       (SELECT s.granted FROM pgnotify.consents s WHERE s.user_id = $1 AND s.category = c.name)
+           AS consent
+FROM pgnotify.categories c
+WHERE c.name NOT IN ('pgnotify_status', 'system_alert')
+ORDER BY c.critical DESC, c.name
+"""
+
+# preference_contact: user $1's time zone, quiet hours and global unsubscribe (no addresses).
+PREFERENCE_CONTACT = """
+SELECT timezone, to_char(quiet_start, 'HH24:MI') AS quiet_start,
+       to_char(quiet_end, 'HH24:MI') AS quiet_end, unsubscribed_at IS NOT NULL AS unsubscribed
+FROM pgnotify.contacts WHERE user_id = $1
+"""
+
+# save_preferences: apply changes $2 (jsonb) to user $1's preferences from source $3, recorded in
+# preference_history; critical categories refused. Returns the number of changes.
+SAVE_PREFERENCES = """
+SELECT pgnotify.save_preferences($1, $2::jsonb, $3)
+"""
+
 
 ALL = {
     name: value

@@ -109,6 +109,7 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         sms_region: str = "US",
         unsubscribe_url: Callable[[str, str | None], str] | None = None,
+        preferences_url: Callable[[str], str] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.failover = failover
@@ -120,6 +121,7 @@ class Dispatcher:
         self.rand = rand
         self.sms_region = sms_region
         self.unsubscribe_url = unsubscribe_url
+        self.preferences_url = preferences_url
         self.tracing = tracing or Tracing(enabled=False)
         self._facts: dict[int, Any] = {}  # prefetched per claim batch, consumed by deliver()
 
@@ -230,6 +232,8 @@ class Dispatcher:
         if critical and isinstance(unsubscribe, str):  # no opt-out: empty link, no header
             unsubscribe = ""  # (not undefined: a template that prints it must still render)
         extra = {"unsubscribe_url": unsubscribe} if isinstance(unsubscribe, str) else None
+        if self.preferences_url and n.user_id is not None and "preferences_url" not in n.payload:
+            extra = {**(extra or {}), "preferences_url": self.preferences_url(n.user_id)}
         layouts = await self._layouts(parts, n.channel, n.locale)
         rendered = self.renderer.render(parts, build_context(n.payload, extra), layouts)
         message = RenderedMessage(

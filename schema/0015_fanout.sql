@@ -331,6 +331,7 @@ CREATE FUNCTION pgnotify.take_throttle(p_subject text, p_category text, p_channe
                                        OUT window_start timestamptz, OUT window_end timestamptz,
                                        OUT action text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_column
 DECLARE
     secs numeric;
     fresh boolean;

@@ -343,6 +343,7 @@ BEGIN
     IF max_sends IS NULL THEN
         RETURN;
     END IF;
+    at := coalesce(at, now());
     -- fixed windows from the Unix epoch: [k * secs, (k + 1) * secs)
     window_start := to_timestamp((floor(extract(epoch FROM at) / secs) * secs)::float8);
     window_end := to_timestamp(((floor(extract(epoch FROM at) / secs) + 1) * secs)::float8);

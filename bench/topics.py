@@ -104,7 +104,11 @@ async def sampler(dsn: str, pid: int, stop: asyncio.Event, run: Run) -> None:
                 "WHERE l.locktype IN ('relation', 'advisory', 'transactionid', 'tuple')"
             )
             for r in rows:
-                if r["pid"] == pid and r["relname"] and not r["relname"].endswith(("_pkey", "_idx")):
+                if (
+                    r["pid"] == pid
+                    and r["relname"]
+                    and not r["relname"].endswith(("_pkey", "_idx"))
+                ):
                     run.locks.add(f"{r['relname']}: {r['mode']}")
             if any(not r["granted"] for r in rows):
                 run.waiting += 1

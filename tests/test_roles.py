@@ -175,6 +175,12 @@ async def test_a_producer_batches_subscribes_and_notifies_a_topic_and_the_worker
         await worker.fetch(queries.PROMOTE, 10)
         take = await worker.fetchrow(queries.TAKE_THROTTLE, "ada", "thread", "inapp")
         assert (take["allowed"], take["used"], take["max_sends"]) == (True, 1, 2)
+        # a throttled send folded into a batch, as COMPLETE writes it
+        folded = await worker.fetchval(
+            "UPDATE pgnotify.notifications SET status = 'held', hold = 'batch' "
+            "WHERE category = 'news' RETURNING batch_id"
+        )
+        assert folded is not None
     finally:
         await worker.close()
     sender = await conn.fetchrow(

@@ -202,8 +202,14 @@ class Dispatcher:
                 local_time=row["local_time"],
             )
         )
-        if isinstance(verdict, Send) and row["throttled"] and n.category is not None:
-            # last, so only a row that would go out now counts against the allowance
+        if (
+            isinstance(verdict, Send)
+            and row["throttled"]
+            and n.category is not None
+            and n.digest_of is None
+        ):
+            # last, so only a row that would go out now counts against the allowance (a digest
+            # already gathers many: it is not throttled)
             take = await self.store.take_throttle(n.user_id or n.recipient, n.category, n.channel)
             return throttle_verdict(take)
         return verdict

@@ -37,6 +37,9 @@ NOT_FOR_PRODUCERS = [
     "SELECT pgnotify.refresh_dashboard()",
     "SELECT pgnotify.apply_grants()",
     "CALL pgnotify.apply_retention()",
+    "SELECT pgnotify.take_throttle('u', 'news', 'email')",
+    "SELECT pgnotify.set_throttle('news', 3, interval '1 day')",
+    "SELECT pgnotify.set_batching('news', interval '5 minutes')",
 ]
 
 NOT_READABLE_BY_PRODUCERS = [
@@ -131,6 +134,61 @@ async def test_a_producer_enqueues_and_can_read_nothing_back(
         "FROM pgnotify.notifications"
     )
     assert (counts["rows"], counts["chat"]) == (8, 3)  # 2 + 1 + 2 + chat: in-app, push, email
+
+
+async def test_a_producer_batches_subscribes_and_notifies_a_topic_and_the_worker_closes(
+    conn: asyncpg.Connection, login_as: LoginAs
+) -> None:
+    """Schema 0019: a producer may insert with a batch_key, manage topics and subscriptions and
+    call notify_topic; the worker role closes a due window and counts throttles."""
+    from pgnotify_worker.adapters import queries
+
+    await conn.execute("SELECT pgnotify.set_batching('thread', interval '5 minutes')")
+    await conn.execute("SELECT pgnotify.set_throttle('thread', 2, interval '1 hour')")
+    producer = await asyncpg.connect(await login_as("pgnotify_producer"))
+    try:
+        for n in range(2):
+            await producer.execute(
+                "INSERT INTO pgnotify.notifications (channel, recipient, category, body, "
+                "payload, batch_key) VALUES ('inapp', 'ada', 'thread', 'x', $1, 't1')",
+                f'{{"n": {n}}}',
+            )
+        assert await producer.fetchval("SELECT pgnotify.create_topic('launch')") is True
+        assert await producer.fetchval("SELECT pgnotify.subscribe('launch', 'ada')") is True
+        assert await producer.fetchval("SELECT pgnotify.subscribe('launch', 'bob')") is True
+        assert await producer.fetchval("SELECT pgnotify.unsubscribe('launch', 'bob')") is True
+        assert await producer.fetchval("SELECT count(*) FROM pgnotify.topic_subscriptions") == 1
+        made = await producer.fetchval(
+            "SELECT pgnotify.notify_topic('launch', 'news', body => 'We launched', "
+            "channels => '{inapp}', idempotency_key => 'launch-1')"
+        )
+        assert made == 1
+        await denied(producer, "SELECT * FROM pgnotify.batches")
+        await denied(producer, "DELETE FROM pgnotify.topic_subscriptions")
+    finally:
+        await producer.close()
+
+    await conn.execute(
+        "UPDATE pgnotify.notifications SET run_at = now() WHERE batch_of IS NOT NULL"
+    )
+    worker = await asyncpg.connect(await login_as("pgnotify_worker"))
+    try:
+        await worker.fetch(queries.PROMOTE, 10)
+        take = await worker.fetchrow(queries.TAKE_THROTTLE, "ada", "thread", "inapp")
+        assert (take["allowed"], take["used"], take["max_sends"]) == (True, 1, 2)
+        # a throttled send folded into a batch, as COMPLETE writes it
+        folded = await worker.fetchval(
+            "UPDATE pgnotify.notifications SET status = 'held', hold = 'batch' "
+            "WHERE category = 'news' RETURNING batch_id"
+        )
+        assert folded is not None
+    finally:
+        await worker.close()
+    sender = await conn.fetchrow(
+        "SELECT status, payload FROM pgnotify.notifications WHERE batch_of IS NOT NULL"
+    )
+    assert sender["status"] == "queued"
+    assert sender["payload"]["count"] == 2
 
 
 async def test_the_worker_queries_are_not_a_producers_to_run(
@@ -383,6 +441,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "NOTE": (nid, "device_sent", 1, "w", "fcm", None, None, None),
         "PROVIDER_EVENT": ("resend", nid, None, "delivered", None, None, None, "ext-1"),
         "SEND_FACTS": ([nid], ["ada@example.com"]),
+        "TAKE_THROTTLE": ("ada", "billing", "email"),
         "JOB_CLAIM": (),
         "JOB_START": ("retention", soon, soon, "w"),
         "JOB_FINISH": (1, "succeeded", 0, None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from pgnotify_worker.core.throttle import Take
 from pgnotify_worker.models import (
     Completion,
     Notification,
@@ -111,6 +112,10 @@ class DeliveryStore(Protocol):
 
     async def send_facts(self, ids: Sequence[int], addresses: Sequence[str]) -> dict[int, Any]:
         """Facts for the preference rules, per notification id."""
+        ...
+
+    async def take_throttle(self, subject: str, category: str, channel: str) -> Take | None:
+        """Count one send against the category's throttle; None when it has none."""
         ...
 
     async def devices_of(self, user_id: str) -> list[tuple[int, str, str]]:

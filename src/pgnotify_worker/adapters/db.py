@@ -14,6 +14,7 @@ import asyncpg
 
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.core.redact import Scrubber
+from pgnotify_worker.core.throttle import Take, Window
 from pgnotify_worker.errors import PreferenceRejected, StoreError, StoreUnavailable
 from pgnotify_worker.models import Completion, Notification, TemplateRow, TokenGrant
 
@@ -403,6 +404,21 @@ class QueueStore:
         """Facts for the preference rules, per notification id (one round trip for a batch)."""
         rows = await self.pool.fetch(queries.SEND_FACTS, list(ids), list(addresses))
         return {r["id"]: r for r in rows}
+
+    @translated
+    async def take_throttle(self, subject: str, category: str, channel: str) -> Take | None:
+        """Count one send against the category's throttle (schema 0019); None when it has none."""
+        row = await self.pool.fetchrow(queries.TAKE_THROTTLE, subject, category, channel)
+        if row is None or row["max_sends"] is None:
+            return None
+        return Take(
+            allowed=row["allowed"],
+            used=row["used"],
+            limit=row["max_sends"],
+            window=Window(row["window_start"], row["window_end"]),
+            action=row["action"],
+            now=row["db_now"],
+        )
 
     @translated
     async def enqueue(

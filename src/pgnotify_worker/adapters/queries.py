@@ -280,12 +280,22 @@ SELECT x.id,
        EXISTS (SELECT 1 FROM pgnotify.suppressions s
                WHERE s.channel = n.channel AND s.address = x.address) AS suppressed,
        c.quiet_start, c.quiet_end,
-       (now() AT TIME ZONE coalesce(c.timezone, 'UTC'))::time AS local_time
+       (now() AT TIME ZONE coalesce(c.timezone, 'UTC'))::time AS local_time,
+       cat.throttle_limit IS NOT NULL AS throttled
 FROM unnest($1::bigint[], $2::text[]) AS x(id, address)
 JOIN pgnotify.notifications n ON n.id = x.id
 LEFT JOIN pgnotify.contacts c ON c.user_id = n.user_id
 LEFT JOIN pgnotify.categories cat ON cat.name = n.category
 LEFT JOIN pgnotify.consents co ON co.user_id = n.user_id AND co.category = n.category
+"""
+
+# take_throttle: count one send of category $2 to subject $1 (user id, else recipient) on
+# channel $3 in its throttle window (schema 0019); allowed false when the window is full.
+TAKE_THROTTLE = """
+SELECT allowed, used, max_sends, extract(epoch FROM window_start)::float8 AS window_start,
+       extract(epoch FROM window_end)::float8 AS window_end, action,
+       extract(epoch FROM now())::float8 AS db_now
+FROM pgnotify.take_throttle($1, $2, $3)
 """
 
 # job_claim: lock one due job (another replica skips it); the caller advances it in the same

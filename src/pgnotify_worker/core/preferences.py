@@ -50,16 +50,17 @@ class Expire:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Kept for the next daily or weekly digest."""
+    """Kept for the next daily or weekly digest, or folded into a batch (kind 'batch')."""
 
     kind: str
 
 
 @dataclass(frozen=True, slots=True)
 class Defer:
-    """Inside the recipient's quiet hours: try again when they end."""
+    """Not now: try again in `seconds` (quiet hours end, or the next throttle window opens)."""
 
     seconds: float
+    code: str = "quiet_hours"
 
 
 Decision = Send | Skip | Expire | Hold | Defer

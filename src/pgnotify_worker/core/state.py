@@ -125,13 +125,13 @@ def decision_resolution(decision: Decision) -> Resolution | None:
             )
         case Hold(kind=kind):
             return Resolution(Status.HELD, Event.HELD, refund=True, hold=kind)
-        case Defer(seconds=seconds):
+        case Defer(seconds=seconds, code=code):
             return Resolution(
                 Status.SCHEDULED,
                 Event.DEFERRED,
                 delay=seconds,
                 refund=True,
-                error_code="quiet_hours",
+                error_code=code,
             )
         case _:
             assert_never(decision)

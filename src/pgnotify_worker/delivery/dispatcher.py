@@ -18,6 +18,7 @@ from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.state import Event, Resolution, Status, decision_resolution, resolve
 from pgnotify_worker.core.templates import Renderer, TemplateParts, build_context
+from pgnotify_worker.core.throttle import verdict as throttle_verdict
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
 from pgnotify_worker.delivery.limits import Budget
 from pgnotify_worker.delivery.templates import TemplateStore
@@ -178,7 +179,8 @@ class Dispatcher:
             )
 
     async def decision(self, n: Notification) -> Decision:
-        """Send, skip, expire, hold or defer."""
+        """Send, skip, expire, hold or defer; a send over its category's throttle is dropped,
+        delayed or folded into a batch."""
         expired = n.expires_at is not None and n.expires_at <= n.claimed_at
         if expired or not self.needs_facts(n) or self.store is None:
             return decide(Facts(expired=expired, is_digest=n.digest_of is not None))
@@ -188,7 +190,7 @@ class Dispatcher:
             row = (await self.store.send_facts([n.id], [address])).get(n.id)
         if row is None:
             return Send()
-        return decide(
+        verdict = decide(
             Facts(
                 suppressed=row["suppressed"],
                 critical=row["critical"],
@@ -202,6 +204,17 @@ class Dispatcher:
                 local_time=row["local_time"],
             )
         )
+        if (
+            isinstance(verdict, Send)
+            and row["throttled"]
+            and n.category is not None
+            and n.digest_of is None
+        ):
+            # last, so only a row that would go out now counts against the allowance (a digest
+            # already gathers many: it is not throttled)
+            take = await self.store.take_throttle(n.user_id or n.recipient, n.category, n.channel)
+            return throttle_verdict(take)
+        return verdict
 
     # --- rendering ------------------------------------------------------------------------------
 

@@ -110,8 +110,9 @@ async def test_the_console_is_off_without_an_admin_password(
     worker_settings: Callable[..., Settings],
 ) -> None:
     async with running(worker_settings(channels="webhook")) as service, client() as http:
-        async with http.get(base(service) + "/console/login") as r:
-            assert r.status == 404
+        response = await http.get(base(service) + "/console/login")
+        response.release()
+        assert response.status == 404
 
 
 async def test_security_headers_and_cookie_flags(
@@ -145,10 +146,11 @@ async def test_security_headers_and_cookie_flags(
 
     settings = console_settings(worker_settings, console_trusted_proxies="127.0.0.0/8")
     async with running(settings) as service, client() as http:
-        async with http.get(
+        page = await http.get(
             base(service) + "/console/login", headers={"X-Forwarded-Proto": "https"}
-        ) as page:
-            assert any("Secure" in c for c in page.headers.getall("Set-Cookie"))
+        )
+        page.release()
+        assert any("Secure" in c for c in page.headers.getall("Set-Cookie"))
 
 
 async def test_login_attempts_are_rate_limited(worker_settings: Callable[..., Settings]) -> None:
@@ -179,7 +181,7 @@ def test_sessions_are_signed_expire_and_end_when_a_password_changes() -> None:
     cookie, session = sessions.issue("viewer", now=1000)
     assert sessions.read(cookie, now=1001) == session
     assert sessions.read(cookie, now=1061) is None  # expired
-    payload, mac = cookie.split(".")
+    _payload, mac = cookie.split(".")
     forged = json.dumps({"r": "admin", "e": 9999, "n": session.nonce}).encode()
     import base64
 

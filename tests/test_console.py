@@ -299,7 +299,7 @@ async def test_admin_actions_are_events_naming_role_and_client(
         queued,
     )
     assert cancelled["worker"] == "console:admin@127.0.0.1"
-    assert json.loads(cancelled["detail"])["by"] == "admin"
+    assert cancelled["detail"]["by"] == "admin"
     audit = await conn.fetch(
         "SELECT event, worker, detail FROM pgnotify.events WHERE notification_id = 0 ORDER BY id"
     )

@@ -279,12 +279,14 @@ class Console:
             raise Refused(403, "This action needs the admin login; the viewer login is read-only.")
         return session, form
 
-    def who(self, request: web.Request, session: Session) -> tuple[str, str]:
+    def who(self, request: web.Request, session: Session) -> tuple[str, dict[str, Any]]:
         """(events.worker, events.detail) of an admin action: role and client address."""
         client = self.client(request)
-        return f"console:{session.role}@{client}", json.dumps(
-            {"by": session.role, "client": client, "via": "console"}
-        )
+        return f"console:{session.role}@{client}", {
+            "by": session.role,
+            "client": client,
+            "via": "console",
+        }
 
     def db(self) -> Pool:
         pool = self.pool()
@@ -481,28 +483,34 @@ class Console:
             await response.prepare(request)
             await response.write(b"retry: 3000\n\n")
             ends = time.monotonic() + SSE_LIFETIME
-            while not self._stopping.is_set() and time.monotonic() < ends:
-                if session.expires <= time.time():
-                    break
-                wake = asyncio.ensure_future(changed.wait())
-                stop = asyncio.ensure_future(self._stopping.wait())
-                _done, pending = await asyncio.wait(
-                    {wake, stop}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in pending:
-                    task.cancel()
-                if self._stopping.is_set():
-                    break
-                event = b"change" if changed.is_set() else b"tick"
-                changed.clear()
-                await response.write(b"event: " + event + b"\ndata: {}\n\n")
-                await asyncio.sleep(1.0)  # at most one refresh a second
+            with contextlib.suppress(ConnectionResetError):  # the page went away
+                await self._stream(response, session, changed, ends)
             return response
         finally:
             self._sse_clients -= 1
             if conn is not None:
                 with contextlib.suppress(*DB_ERRORS):
                     await asyncio.wait_for(conn.close(), 5)
+
+    async def _stream(
+        self, response: web.StreamResponse, session: Session, changed: asyncio.Event, ends: float
+    ) -> None:
+        while not self._stopping.is_set() and time.monotonic() < ends:
+            if session.expires <= time.time():
+                break
+            wake = asyncio.ensure_future(changed.wait())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            _done, pending = await asyncio.wait(
+                {wake, stop}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            if self._stopping.is_set():
+                break
+            event = b"change" if changed.is_set() else b"tick"
+            changed.clear()
+            await response.write(b"event: " + event + b"\ndata: {}\n\n")
+            await asyncio.sleep(1.0)  # at most one refresh a second
 
     # --- notifications ---
 
@@ -654,6 +662,8 @@ class Console:
             else (template or {}).get("html_body"),
         )
         if parts.subject is None and parts.body is None and parts.html_body is None:
+            if n["channel"] == "webhook":
+                return None, None  # the payload is the request body
             return None, "No content: no inline subject or body, and no stored template found."
         try:
             payload = json.loads(n["payload_text"])
@@ -721,7 +731,7 @@ class Console:
                 session=session,
             )
         worker, detail = self.who(request, session)
-        detail = json.dumps({**json.loads(detail), "bulk": True, "filter": query, "max_id": max_id})
+        detail = {**detail, "bulk": True, "filter": query, "max_id": max_id}
         sql = queries.CONSOLE_BULK_RETRY if action == "retry" else queries.CONSOLE_BULK_CANCEL
         async with self.db().acquire() as conn, conn.transaction():
             await conn.execute(queries.CONSOLE_CUSTOM_PLANS)
@@ -771,7 +781,7 @@ class Console:
                 queries.CONSOLE_AUDIT,
                 f"channel_{action}d",
                 worker,
-                json.dumps({**json.loads(detail), "channel": channel}),
+                {**detail, "channel": channel},
             )
         raise web.HTTPSeeOther("/console/")
 
@@ -787,7 +797,7 @@ class Console:
                 queries.CONSOLE_AUDIT,
                 "job_run_requested",
                 worker,
-                json.dumps({**json.loads(detail), "job": name}),
+                {**detail, "job": name},
             )
         raise web.HTTPSeeOther("/console/")
 
@@ -812,7 +822,7 @@ class Console:
         if channel not in CHANNELS or not isinstance(error, str) or max_id is None:
             raise Refused(400, "Incomplete form.")
         worker, detail = self.who(request, session)
-        detail = json.dumps({**json.loads(detail), "bulk": True, "error_group": True})
+        detail = {**detail, "bulk": True, "error_group": True}
         row = await self.db().fetchrow(
             queries.CONSOLE_RETRY_ERROR, channel, error, max_id, worker, detail
         )

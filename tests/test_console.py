@@ -433,3 +433,20 @@ async def test_list_plans_stay_index_scans_on_a_large_table(conn: asyncpg.Connec
                 )
             )
             assert "Seq Scan on notifications" not in preview, (f, preview)
+
+
+def test_the_dev_run_banner_prints_the_console_url_with_its_password(
+    tmp_path: Any, worker_settings: Callable[..., Settings]
+) -> None:
+    from pgnotify_worker.cli import banner, dev_console_password
+
+    password, path = dev_console_password(tmp_path)
+    assert dev_console_password(tmp_path) == (password, path)  # kept across runs
+    assert len(password) >= 20
+    assert path.stat().st_mode & 0o777 == 0o600
+    settings = worker_settings(console_admin_password=password, http_port=9090)
+    text = banner(settings, "postgresql://localhost/x", None, None, path)
+    assert f"console    http://127.0.0.1:9090/console/  password {password}" in text
+    configured = banner(settings, "postgresql://localhost/x", None, None)
+    assert password not in configured  # a password the operator set is never printed
+    assert "/console/" in configured

@@ -2,6 +2,7 @@
 --   paused_channels: a channel listed here is not claimed by any worker (its rows wait, nothing
 --     is lost); pgnotify.pause_channel(channel, reason, by) / resume_channel(channel, by) are the
 --     one way in or out, for the console and for scripts alike; resume wakes the workers.
+--   sendable_backlog leaves paused channels out (the autoscaler does not scale for them).
 --   channel_health.version: each worker says which version it runs beside its heartbeat, so the
 --     console lists the workers alive with their version.
 --   Indexes for the console's notification list (newest first, keyset pagination by id) filtered
@@ -72,6 +73,17 @@ ALTER FUNCTION pgnotify.resume_channel(text, text)
     SECURITY DEFINER SET search_path = pg_catalog, pgnotify, pg_temp;
 
 ALTER TABLE pgnotify.channel_health ADD COLUMN IF NOT EXISTS version text;
+
+-- A paused channel's ready rows wait whatever the replica count: not a backlog to scale for
+-- (schema 0014's view, plus the last condition).
+CREATE OR REPLACE VIEW pgnotify.sendable_backlog AS
+SELECT count(*)::bigint AS ready
+FROM pgnotify.notifications n
+WHERE n.status = 'queued'
+  AND n.channel IN (
+      SELECT h.channel FROM pgnotify.channel_health h
+      WHERE h.sendable AND h.valid_until > now())
+  AND n.channel NOT IN (SELECT p.channel FROM pgnotify.paused_channels p);
 
 -- The console's list: newest first within one status, channel, category or recipient. The
 -- status index carries what pgnotify.queue_status counts (channel, attempts, run_at), so the

@@ -321,6 +321,8 @@ async def test_a_paused_channel_is_not_claimed_until_resumed(conn: asyncpg.Conne
     assert await conn.fetchval("SELECT pgnotify.pause_channel('webhook', 'provider outage')")
     assert not await conn.fetchval("SELECT pgnotify.pause_channel('webhook')")  # already
     assert await conn.fetch(queries.CLAIM, "webhook", 10, "w", 30.0, None) == []
+    await conn.execute(queries.CHANNEL_HEALTH, "w", ["webhook"], [True], 30.0, "0.1.0")
+    assert await conn.fetchval("SELECT ready FROM pgnotify.sendable_backlog") == 0  # no scaling
     with pytest.raises(asyncpg.CheckViolationError, match="unknown channel"):
         await conn.fetchval("SELECT pgnotify.pause_channel('fax')")
     await conn.execute("LISTEN pgnotify")
@@ -328,6 +330,7 @@ async def test_a_paused_channel_is_not_claimed_until_resumed(conn: asyncpg.Conne
     await conn.add_listener("pgnotify", lambda *a: woken.put_nowait(a[3]))
     assert await conn.fetchval("SELECT pgnotify.resume_channel('webhook')")
     assert await asyncio.wait_for(woken.get(), 5) == "webhook"  # workers are woken
+    assert await conn.fetchval("SELECT ready FROM pgnotify.sendable_backlog") == 1
     claimed = await conn.fetch(queries.CLAIM, "webhook", 10, "w", 30.0, None)
     assert [r["id"] for r in claimed] == [nid]
 

@@ -100,11 +100,11 @@ async def test_an_admin_finds_retries_and_bulk_cancels_in_the_browser(
         assert await cell(p, "webhook", "dead") == "2"
         await browser.screenshot(p, "console-overview")
         await insert(conn, hook, category="orders")
-        await p.wait_for_function(
-            'document.querySelector(\'#queue tr[data-channel="webhook"] '
-            "td[data-count=\"scheduled\"]').textContent.trim() === '4'",
-            timeout=20_000,  # a NOTIFY, or at worst the next 5 s tick
-        )
+        # (a locator wait: wait_for_function evaluates a string, which our CSP forbids)
+        from playwright.async_api import expect
+
+        live = p.locator('#queue tr[data-channel="webhook"] td[data-count="scheduled"]')
+        await expect(live).to_have_text("4", timeout=20_000)  # a NOTIFY, at worst a 5 s tick
 
         # the list: search by user id, then filter by status
         await p.get_by_role("link", name="Notifications").click()

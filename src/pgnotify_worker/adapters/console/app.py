@@ -587,6 +587,7 @@ class Console:
         recipient = n["recipient"]
         if session.role != "admin":
             masked = mask_recipient(n["channel"], recipient)
+            n["payload_text"] = n["payload_text"].replace(recipient, masked)
             if rendered:
                 rendered = {
                     k: (v.replace(recipient, masked) if v else v) for k, v in rendered.items()

@@ -91,6 +91,17 @@ async def test_an_admin_finds_retries_and_bulk_cancels_in_the_browser(
         "INSERT INTO pgnotify.contacts (user_id, email, locale) "
         "VALUES ('user-42', 'ada@example.com', 'en')"
     )
+    # an hour of history for the chart: sent rows (and a few failures) minute by minute
+    await conn.execute(
+        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
+        "SELECT 'inapp', 'member-' || g, '{}' FROM generate_series(1, 400) g"
+    )
+    await conn.execute(
+        "UPDATE pgnotify.notifications SET status = CASE WHEN id % 23 = 0 THEN 'failed' "
+        "ELSE 'sent' END, sent_at = now(), "
+        "updated_at = now() - make_interval(mins => ((id * 7) % 60)::int) - make_interval(secs => id % 50) "
+        "WHERE channel = 'inapp'"
+    )
     async with running(settings(worker_settings)) as service, browser.page(**VIEWPORT) as p:
         url = f"http://127.0.0.1:{service.http_port}"
         await log_in(p, url, ADMIN)

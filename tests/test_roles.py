@@ -389,6 +389,41 @@ async def test_a_migration_without_createrole_skips_the_roles_with_a_notice(
         await admin.close()
 
 
+def console_query_args(nid: int) -> dict[str, tuple[object, ...]]:
+    """The admin console's statements (it is served by the worker, with the worker's role)."""
+    f = ("dead", "email", "billing", "ada", None)
+    who = ("console:admin@127.0.0.1", '{"by": "admin"}')
+    return {
+        "CONSOLE_CUSTOM_PLANS": (),
+        "CONSOLE_LIST": (*f, None, 50),
+        "CONSOLE_BULK_PREVIEW": (*f, ["failed", "dead"], 100),
+        "CONSOLE_BULK_CANCEL": (*f, nid, *who),
+        "CONSOLE_BULK_RETRY": (*f, nid, *who),
+        "CONSOLE_RETRY": (nid, *who),
+        "CONSOLE_CANCEL": (nid, *who),
+        "CONSOLE_AUDIT": ("channel_paused", *who),
+        "CONSOLE_NOTIFICATION": (nid,),
+        "CONSOLE_EVENTS": (nid,),
+        "CONSOLE_THROUGHPUT": (),
+        "CONSOLE_WORKERS": (),
+        "CONSOLE_PAUSED": (),
+        "CONSOLE_PAUSE": ("sms", "test", "console:admin@127.0.0.1"),
+        "CONSOLE_RESUME": ("sms", "console:admin@127.0.0.1"),
+        "CONSOLE_DESTINATIONS": (),
+        "CONSOLE_JOBS": (),
+        "CONSOLE_RUN_JOB": ("retention",),
+        "CONSOLE_DEAD_LETTERS": (),
+        "CONSOLE_RETRY_ERROR": ("email", "", nid, *who),
+        "CONSOLE_TEMPLATES": (),
+        "CONSOLE_TEMPLATE_VERSIONS": ("welcome",),
+        "CONSOLE_CONTACT": ("ada",),
+        "CONSOLE_DEVICES": ("ada",),
+        "CONSOLE_PREFERENCES": ("ada",),
+        "CONSOLE_CONSENTS": ("ada",),
+        "CONSOLE_SUPPRESSIONS": (["ada@example.com"],),
+    }
+
+
 async def test_the_worker_role_may_run_every_worker_query(
     conn: asyncpg.Connection, login_as: LoginAs
 ) -> None:
@@ -471,7 +506,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "PROVIDER_LIMITS": (),
         "MARK_REAL": (["email"],),
         "REAL_SEEN": (["email"],),
-        "CHANNEL_HEALTH": ("w", ["email"], [True], 30.0),
+        "CHANNEL_HEALTH": ("w", ["email"], [True], 30.0, "0.1.0"),
         "SHOW_NOTIFICATION": (nid,),
         "SHOW_TIMELINE": (nid,),
         "EVENTS_CURSOR": (),
@@ -510,6 +545,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "WF_MOVE": (run, "step1", soon, "running", None),
         "WF_CANCEL": (run, "test"),
         "WF_NEXT_DUE": (),
+        **console_query_args(nid),
     }
     admin_only = {"CANCEL", "RETRY", "REPLAY_CANDIDATES", "REPLAY", "PURGE_PREVIEW", "PURGE"}
     assert set(args) == set(queries.ALL) - admin_only

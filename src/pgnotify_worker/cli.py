@@ -62,6 +62,16 @@ def dev_webhook_secret(data_dir: Path) -> tuple[str, Path]:
     return path.read_text().strip(), path
 
 
+def dev_console_password(data_dir: Path) -> tuple[str, Path]:
+    """A console password kept in the embedded data dir, so `make run` opens the console."""
+    path = data_dir / "console-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(base64.urlsafe_b64encode(os.urandom(15)).decode() + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip(), path
+
+
 def command() -> str:
     """How to call this CLI again from the current directory: `pgnotify-worker` when that is what
     PATH finds, else the script's path (`.venv/bin/pgnotify-worker` after `make run`)."""
@@ -94,7 +104,11 @@ TRY_ARGS = (
 
 
 def banner(
-    settings: Settings, dsn: str, embedded: EmbeddedPostgres | None, secret_file: Path | None
+    settings: Settings,
+    dsn: str,
+    embedded: EmbeddedPostgres | None,
+    secret_file: Path | None,
+    console_file: Path | None = None,
 ) -> str:
     """What `run` prints first: where things are and how to send a first notification. Every
     line is true of this run, and the commands work when pasted (no secret is printed)."""
@@ -109,6 +123,13 @@ def banner(
         f"  http       http://{host}:{settings.http_port}/metrics  /healthz  /readyz  /status",
         f"  providers  {providers}",
     ]
+    if settings.console_admin_password and settings.console_admin_password.get_secret_value():
+        url = f"http://{host}:{settings.http_port}/console/"
+        if console_file is not None:  # generated for this dev run: show it (it is in the file)
+            password = settings.console_admin_password.get_secret_value()
+            lines.append(f"  console    {url}  password {password}  (kept in {console_file})")
+        else:
+            lines.append(f"  console    {url}  (password: PGNOTIFY_CONSOLE_ADMIN_PASSWORD)")
     if settings.simulate:
         inbox = "inapp" in settings.channels and "inapp" in settings.providers_for("inapp")
         lines.append(
@@ -151,7 +172,7 @@ def cmd_run(settings: Settings) -> int:
     from pgnotify_worker.service import Service  # noqa: PLC0415 - keeps `--help` fast
 
     with database(settings) as (dsn, embedded):
-        secret_file = None
+        secret_file = console_file = None
         if embedded is not None:
             # Dev mode: sign with a kept secret, and let webhooks reach a receiver on this machine.
             webhook = WebhookSettings.model_validate(
@@ -164,14 +185,17 @@ def cmd_run(settings: Settings) -> int:
                 settings.webhook_allowed_networks = ["127.0.0.0/8", "::1/128"]
             if "simulate" not in settings.model_fields_set:
                 settings.simulate = True  # trying it: what would leave the machine prints here
-        print(banner(settings, dsn, embedded, secret_file), flush=True)
+            if settings.console_admin_password is None:
+                password, console_file = dev_console_password(settings.data_dir)
+                settings.console_admin_password = SecretStr(password)
+        print(banner(settings, dsn, embedded, secret_file, console_file), flush=True)
         listen_dsn = (
             settings.listen_database_url.get_secret_value()
             if settings.listen_database_url
             else None
         )
         service = Service(settings, dsn, listen_dsn)
-        if secret_file is not None:  # the dev secret came after logging was set up: scrub it too
+        if secret_file or console_file:  # dev secrets came after logging was set up: scrub them
             assert settings.worker_id is not None
             setup_logging(
                 settings.log_level, settings.log_format, settings.worker_id, service.scrubber

@@ -260,6 +260,31 @@ class CoreSettings(BaseSettings):
         description="Origins (https://app.example.com) whose pages may call the app-facing APIs "
         "from the browser (CORS). Empty: same-origin and server-to-server only.",
     )
+    # --- admin console (/console/) --------------------------------------------------------------
+    console_admin_password: SecretStr | None = Field(
+        None,
+        description="Turns the admin console on at /console/: the admin login's password, plain "
+        "or an argon2/bcrypt hash (pip install 'pgnotify-worker[console]'). Unset: no console.",
+    )
+    console_viewer_password: SecretStr | None = Field(
+        None,
+        description="Optional read-only console login (addresses masked, no actions): plain or "
+        "an argon2/bcrypt hash.",
+    )
+    console_session_secret: SecretStr | None = Field(
+        None,
+        description="Mixed into the key that signs console session cookies (the same on every "
+        "replica). Sessions also end when a console password changes.",
+    )
+    console_session_hours: float = Field(
+        12.0, gt=0, le=720, description="Lifetime of a console login, in hours."
+    )
+    console_trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Networks of reverse proxies (10.0.0.0/8) whose X-Forwarded-For and "
+        "X-Forwarded-Proto the console believes (client address for rate limits and the audit "
+        "trail, HTTPS for Secure cookies). Empty: the TCP peer, and HTTPS never inferred.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
@@ -280,6 +305,7 @@ class CoreSettings(BaseSettings):
         "webhook_allowed_networks",
         "alert_recipients",
         "app_cors_origins",
+        "console_trusted_proxies",
         mode="before",
     )
     @classmethod
@@ -368,7 +394,7 @@ class CoreSettings(BaseSettings):
                 raise ValueError(f"{item!r} is not channel:address (e.g. email:ops@acme.com)")
         return value
 
-    @field_validator("webhook_allowed_networks")
+    @field_validator("webhook_allowed_networks", "console_trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         netguard.parse_networks(value)  # raises ValueError naming the bad entry

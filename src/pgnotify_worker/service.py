@@ -15,6 +15,7 @@ import asyncpg
 
 from pgnotify_worker import __version__
 from pgnotify_worker.adapters import db, http_server, migrate, queries
+from pgnotify_worker.adapters.console import console_from_settings
 from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.inbox_http import inbox_routes
 from pgnotify_worker.adapters.jobs import JobRunner
@@ -186,11 +187,19 @@ class Service:
                 app_audience=s.app_token_audience,
                 cors_origins=s.app_cors_origins,
             )
+            console = console_from_settings(
+                s,
+                pool=lambda: self.store.pool if self.store else None,
+                listen_dsn=self.listen_dsn,
+                circuits=self._circuits,
+                scrub=self.scrubber.clean,
+            )
             app = http_server.make_app(
                 self.status,
                 self.ready_reasons,
                 self.metrics.render,
-                (inbound.routes, pages.routes, inbox, preferences.routes),
+                (inbound.routes, pages.routes, inbox, preferences.routes)
+                + ((console.routes,) if console else ()),
                 status_token=reveal(s.status_token),
             )
             try:
@@ -474,6 +483,19 @@ class Service:
             self.metrics.listener_reconnects.inc()
 
     # --- HTTP callbacks --------------------------------------------------------------------------
+
+    def _circuits(self) -> list[dict[str, Any]]:
+        """Each provider's circuit in this worker, for the console's overview."""
+        return [
+            {
+                "channel": channel,
+                "provider": slot.name,
+                "state": slot.breaker.state.value,
+                "last_failure": self.scrubber.clean(slot.breaker.reason or "") or None,
+            }
+            for channel, entry in self.providers.items()
+            for slot in entry.slots
+        ]
 
     async def ready_reasons(self) -> list[str]:
         """Empty when ready."""

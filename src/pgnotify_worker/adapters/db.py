@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
+from pgnotify_worker import __version__
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.core.throttle import Take, Window
@@ -560,6 +561,7 @@ class QueueStore:
             list(sendable),
             list(sendable.values()),
             valid_for,
+            __version__,  # the console lists workers alive with their version
         )
 
     @translated

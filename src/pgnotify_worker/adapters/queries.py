@@ -9,12 +9,13 @@ from __future__ import annotations
 # real provider served the channel).
 # Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
 # driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
-# instead of failing the whole batch.
+# instead of failing the whole batch. A paused channel (pgnotify.pause_channel) gives nothing.
 CLAIM = """
 WITH ready AS (
     SELECT id FROM pgnotify.notifications
     WHERE status = 'queued' AND channel = $1 AND run_at <= now()
       AND ($5::timestamptz IS NULL OR created_at > $5)
+      AND NOT EXISTS (SELECT 1 FROM pgnotify.paused_channels p WHERE p.channel = $1)
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -551,7 +552,8 @@ REAL_SEEN = """
 SELECT channel, real_seen_at FROM pgnotify.delivery_modes WHERE channel = ANY ($1::text[])
 """
 
-# channel_health: worker $1 can (or cannot) send channels $2 (sendable $3) for $4 seconds.
+# channel_health: worker $1 (version $5) can (or cannot) send channels $2 (sendable $3) for $4
+# seconds.
 CHANNEL_HEALTH = """
 WITH stale AS (
     DELETE FROM pgnotify.channel_health WHERE ctid IN (
@@ -559,11 +561,258 @@ WITH stale AS (
         WHERE valid_until < now() - interval '1 hour' AND worker <> $1
         FOR UPDATE SKIP LOCKED)
 )
-INSERT INTO pgnotify.channel_health AS h (channel, worker, sendable, seen_at, valid_until)
-SELECT c.channel, $1, c.sendable, now(), now() + make_interval(secs => $4)
+INSERT INTO pgnotify.channel_health AS h (channel, worker, sendable, seen_at, valid_until, version)
+SELECT c.channel, $1, c.sendable, now(), now() + make_interval(secs => $4), $5
 FROM unnest($2::text[], $3::boolean[]) AS c(channel, sendable)
 ON CONFLICT (channel, worker) DO UPDATE
-SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until
+SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excluded.valid_until,
+    version = excluded.version
+"""
+
+# --- admin console (adapters/console): read by the console pages, written by admin actions -----
+# The list filters, the same in each console_list/bulk statement: status $1, channel $2,
+# category $3, q $4 (a recipient or a user id) or q as an id $5; NULL = any. Run with custom plans
+# (CONSOLE_CUSTOM_PLANS) so a NULL filter folds away and each filter becomes an index scan
+# (schema 0015's indexes).
+
+# console_custom_plans: plan each console statement for its parameters (NULL filters fold away).
+CONSOLE_CUSTOM_PLANS = "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"
+
+# console_list: up to $7 notifications matching the filters, newest first, below id $6 (keyset).
+CONSOLE_LIST = """
+SELECT n.id, n.channel, n.recipient, n.user_id, n.category, n.template, n.status, n.attempts,
+       n.max_attempts, n.created_at, n.updated_at, n.last_error
+FROM pgnotify.notifications n
+WHERE ($6::bigint IS NULL OR n.id < $6) AND
+      ($1::text IS NULL OR n.status = $1) AND ($2::text IS NULL OR n.channel = $2)
+  AND ($3::text IS NULL OR n.category = $3)
+  AND ($4::text IS NULL OR n.recipient = $4 OR n.user_id = $4 OR n.id = $5::bigint)
+ORDER BY n.id DESC LIMIT $7
+"""
+
+# console_bulk_preview: how many rows match the filters and are in statuses $6 (at most $7 + 1
+# counted), and the highest id among them: the confirmation acts on ids up to it only.
+CONSOLE_BULK_PREVIEW = """
+SELECT count(*) AS rows, max(id) AS max_id FROM (
+    SELECT n.id FROM pgnotify.notifications n
+    WHERE n.status = ANY($6::text[]) AND
+      ($1::text IS NULL OR n.status = $1) AND ($2::text IS NULL OR n.channel = $2)
+  AND ($3::text IS NULL OR n.category = $3)
+  AND ($4::text IS NULL OR n.recipient = $4 OR n.user_id = $4 OR n.id = $5::bigint)
+    LIMIT $7 + 1
+) m
+"""
+
+# console_bulk_cancel: cancel the rows matching the filters with ids up to $6 that can still be
+# cancelled (queued, scheduled, held: pgnotify.cancel's rule), each with an event naming who ($7,
+# detail $8).
+CONSOLE_BULK_CANCEL = """
+WITH done AS (
+    UPDATE pgnotify.notifications n SET status = 'cancelled', updated_at = now()
+    WHERE n.id <= $6 AND n.status IN ('queued', 'scheduled', 'held') AND
+      ($1::text IS NULL OR n.status = $1) AND ($2::text IS NULL OR n.channel = $2)
+  AND ($3::text IS NULL OR n.category = $3)
+  AND ($4::text IS NULL OR n.recipient = $4 OR n.user_id = $4 OR n.id = $5::bigint)
+    RETURNING n.id
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, worker, detail)
+    SELECT id, 'cancelled', $7, $8::jsonb FROM done
+)
+SELECT count(*) FROM done
+"""
+
+# console_bulk_retry: requeue the failed and dead rows matching the filters with ids up to $6
+# (pgnotify.retry's rule: a fresh attempt budget), each with an event naming who ($7, detail
+# $8), and wake the workers of their channels.
+CONSOLE_BULK_RETRY = """
+WITH done AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'queued', attempts = 0, run_at = now(), updated_at = now()
+    WHERE n.id <= $6 AND n.status IN ('failed', 'dead') AND
+      ($1::text IS NULL OR n.status = $1) AND ($2::text IS NULL OR n.channel = $2)
+  AND ($3::text IS NULL OR n.category = $3)
+  AND ($4::text IS NULL OR n.recipient = $4 OR n.user_id = $4 OR n.id = $5::bigint)
+    RETURNING n.id, n.channel
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, worker, detail)
+    SELECT id, 'replayed', $7, $8::jsonb FROM done
+)
+SELECT (SELECT count(*) FROM done) AS rows,
+       (SELECT count(pg_notify('pgnotify', c)) FROM (SELECT DISTINCT channel AS c FROM done) w)
+           AS woken
+"""
+
+# console_retry: requeue notification $1 if failed or dead (pgnotify.retry's rule), with an event
+# naming who ($2, detail $3), and wake its channel's workers; returns its id when done.
+CONSOLE_RETRY = """
+WITH done AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'queued', attempts = 0, run_at = now(), updated_at = now()
+    WHERE n.id = $1 AND n.status IN ('failed', 'dead')
+    RETURNING n.id, n.channel
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, worker, detail)
+    SELECT id, 'replayed', $2, $3::jsonb FROM done
+)
+SELECT id, pg_notify('pgnotify', channel) AS woken FROM done
+"""
+
+# console_cancel: cancel notification $1 if queued, scheduled or held (pgnotify.cancel's rule),
+# with an event naming who ($2, detail $3); returns its id when done.
+CONSOLE_CANCEL = """
+WITH done AS (
+    UPDATE pgnotify.notifications n SET status = 'cancelled', updated_at = now()
+    WHERE n.id = $1 AND n.status IN ('queued', 'scheduled', 'held')
+    RETURNING n.id
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, worker, detail)
+    SELECT id, 'cancelled', $2, $3::jsonb FROM done
+)
+SELECT id FROM done
+"""
+
+# console_audit: an admin action not about one notification (notification_id 0): event $1,
+# who $2, detail $3.
+CONSOLE_AUDIT = """
+INSERT INTO pgnotify.events (notification_id, event, worker, detail) VALUES (0, $1, $2, $3::jsonb)
+"""
+
+# console_notification: every column of notification $1, timestamps as they are.
+CONSOLE_NOTIFICATION = """
+SELECT n.*, n.payload::text AS payload_text FROM pgnotify.notifications n WHERE n.id = $1
+"""
+
+# console_events: notification $1's events in order, with their detail (provider answers).
+CONSOLE_EVENTS = """
+SELECT id, event, attempt, worker, provider, duration_ms, error_code, error, detail::text AS detail,
+       created_at
+FROM pgnotify.events WHERE notification_id = $1 ORDER BY id
+"""
+
+# console_throughput: sent and failed (failed or dead) rows per minute over the last hour, by
+# minutes ago (0 = this minute).
+CONSOLE_THROUGHPUT = """
+SELECT (extract(epoch FROM date_trunc('minute', now()) - date_trunc('minute', updated_at))
+        / 60)::int AS minutes_ago,
+       count(*) FILTER (WHERE status = 'sent') AS sent,
+       count(*) FILTER (WHERE status IN ('failed', 'dead')) AS failed
+FROM pgnotify.notifications
+WHERE status IN ('sent', 'failed', 'dead')
+  AND updated_at >= date_trunc('minute', now()) - interval '59 minutes'
+GROUP BY 1
+"""
+
+# console_workers: workers that reported within the last hour, with version and last heartbeat.
+CONSOLE_WORKERS = """
+SELECT worker, max(version) AS version, max(seen_at) AS last_seen,
+       bool_or(valid_until > now()) AS alive,
+       array_agg(channel ORDER BY channel) FILTER (WHERE sendable) AS sending,
+       extract(epoch FROM now() - max(seen_at))::float8 AS seconds_ago
+FROM pgnotify.channel_health
+WHERE seen_at > now() - interval '1 hour'
+GROUP BY worker ORDER BY max(seen_at) DESC LIMIT 100
+"""
+
+# console_paused: the paused channels.
+CONSOLE_PAUSED = """
+SELECT channel, reason, paused_by, paused_at FROM pgnotify.paused_channels ORDER BY channel
+"""
+
+# console_pause: pause channel $1 (reason $2, by $3) with pgnotify.pause_channel.
+CONSOLE_PAUSE = "SELECT pgnotify.pause_channel($1, $2, $3)"
+
+# console_resume: resume channel $1 (by $2) with pgnotify.resume_channel.
+CONSOLE_RESUME = "SELECT pgnotify.resume_channel($1, $2)"
+
+# console_destinations: destinations failing or disabled, newest failure first.
+CONSOLE_DESTINATIONS = """
+SELECT origin, failing_since, last_failure_at, last_error, pauses, disabled_at, disabled_reason
+FROM pgnotify.destinations ORDER BY last_failure_at DESC LIMIT 100
+"""
+
+# console_jobs: every periodic job with its last run's outcome.
+CONSOLE_JOBS = """
+SELECT j.name, j.schedule, j.timezone, j.enabled, j.next_run_at, j.last_started_at,
+       j.last_finished_at, j.last_status, j.consecutive_failures, r.rows_affected, r.error
+FROM pgnotify.jobs j
+LEFT JOIN LATERAL (
+    SELECT rows_affected, error FROM pgnotify.job_runs WHERE job_name = j.name
+    ORDER BY id DESC LIMIT 1
+) r ON true
+ORDER BY j.name
+"""
+
+# console_run_job: make enabled job $1 due now (one replica runs it at its next look).
+CONSOLE_RUN_JOB = """
+UPDATE pgnotify.jobs SET next_run_at = now() WHERE name = $1 AND enabled RETURNING name
+"""
+
+# console_dead_letters: failed and dead rows grouped by channel and last error, biggest first.
+CONSOLE_DEAD_LETTERS = """
+SELECT channel, coalesce(last_error, '') AS error, count(*) AS rows, max(id) AS max_id,
+       max(updated_at) AS last_at
+FROM pgnotify.notifications WHERE status IN ('failed', 'dead')
+GROUP BY 1, 2 ORDER BY count(*) DESC, max(updated_at) DESC LIMIT 100
+"""
+
+# console_retry_error: requeue the failed and dead rows of channel $1 with last error $2 ('' =
+# none) and ids up to $3, each with an event naming who ($4, detail $5); wakes the channel.
+CONSOLE_RETRY_ERROR = """
+WITH done AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'queued', attempts = 0, run_at = now(), updated_at = now()
+    WHERE n.status IN ('failed', 'dead') AND n.channel = $1
+      AND coalesce(n.last_error, '') = $2 AND n.id <= $3
+    RETURNING n.id
+), logged AS (
+    INSERT INTO pgnotify.events (notification_id, event, worker, detail)
+    SELECT id, 'replayed', $4, $5::jsonb FROM done
+)
+SELECT (SELECT count(*) FROM done) AS rows, pg_notify('pgnotify', $1) AS woken
+"""
+
+# console_templates: each template (key, channel, locale) with its newest version.
+CONSOLE_TEMPLATES = """
+SELECT key, channel, locale, max(version) AS version, count(*) AS versions,
+       max(created_at) AS updated_at
+FROM pgnotify.templates GROUP BY key, channel, locale ORDER BY key, channel, locale LIMIT 500
+"""
+
+# console_template_versions: every version of template $1, newest first.
+CONSOLE_TEMPLATE_VERSIONS = """
+SELECT key, channel, locale, version, subject, body, html_body, created_at
+FROM pgnotify.templates WHERE key = $1 ORDER BY channel, locale, version DESC
+"""
+
+# console_contact: user $1's contact row.
+CONSOLE_CONTACT = """
+SELECT user_id, email, phone, locale, timezone, webhook_url, quiet_start, quiet_end,
+       unsubscribed_at, updated_at
+FROM pgnotify.contacts WHERE user_id = $1
+"""
+
+# console_devices: user $1's push devices, active first.
+CONSOLE_DEVICES = """
+SELECT id, platform, token, active, last_seen_at, deactivated_at, deactivation_reason
+FROM pgnotify.devices WHERE user_id = $1 ORDER BY active DESC, id DESC LIMIT 100
+"""
+
+# console_preferences: user $1's preferences.
+CONSOLE_PREFERENCES = """
+SELECT channel, category, setting, source, updated_at FROM pgnotify.preferences
+WHERE user_id = $1 ORDER BY channel, category
+"""
+
+# console_consents: user $1's consents.
+CONSOLE_CONSENTS = """
+SELECT category, granted, source, recorded_at FROM pgnotify.consents
+WHERE user_id = $1 ORDER BY category
+"""
+
+# console_suppressions: suppressions of addresses $1 (the user's contact addresses).
+CONSOLE_SUPPRESSIONS = """
+SELECT channel, address, reason, source, created_at FROM pgnotify.suppressions
+WHERE address = ANY($1::text[]) ORDER BY created_at DESC
 """
 
 # --- inbox feed (adapters/inbox_http.py): every statement names the token's user in $1 ---------

@@ -29,6 +29,7 @@ from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
+from pgnotify_worker.delivery.batch import BatchSender, BatchSettings
 from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.dispatcher import Dispatcher
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
@@ -244,8 +245,14 @@ class Service:
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
                 tracing=tracing,
             )
+            batcher = BatchSender(
+                dispatcher,
+                BatchSettings(
+                    frozenset(s.batch_providers), dict(s.batch_size), retries=s.batch_retries
+                ),
+            )
             enabled = {
-                channel: s.concurrency_for(channel)
+                channel: batcher.row_limit(channel, s.concurrency_for(channel))
                 for channel, entry in self.providers.items()
                 if not entry.disabled_reason
             }
@@ -265,6 +272,7 @@ class Service:
                     wake_tokens=wake_tokens,
                 ),
                 tracing,
+                batcher,
             )
             self.worker = worker
             if self._stop_requested.is_set():

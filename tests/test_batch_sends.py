@@ -115,6 +115,9 @@ async def test_a_250_recipient_broadcast_goes_out_in_3_resend_requests(
     ids = await broadcast(conn, 250)
     async with running(worker_settings(**resend_settings(resend_fake))) as service:
         rows = await wait_rows(conn, ids, DONE, service)
+        status = await service._status()
+    assert status["batching"]["email"] == {"batch_size": 100, "rows_in_flight_limit": 800}
+    assert status["channels"]["email"]["concurrency"] == 50
 
     requests = batch_requests(resend_fake)
     assert sorted(len(r.json) for r in requests) == [50, 100, 100]
@@ -193,7 +196,9 @@ async def test_a_batch_that_keeps_failing_is_retried_row_by_row_later(
     for row in rows:  # one attempt spent on the failed batch, sent on the next
         assert (row["status"], row["attempts"]) == ("sent", 2)
     history = await events(conn, ids)
-    assert all(e[:2] == ["claimed", "retry_scheduled"] and e[-1] == "sent" for e in history.values())
+    assert all(
+        e[:2] == ["claimed", "retry_scheduled"] and e[-1] == "sent" for e in history.values()
+    )
 
 
 async def test_a_429_pauses_the_batch_without_spending_an_attempt(
@@ -339,7 +344,9 @@ async def test_inapp_batch_is_written_in_one_statement(
     assert calls == [300]
     inbox = {
         r["notification_id"]: r
-        for r in await conn.fetch("SELECT * FROM pgnotify.inbox WHERE notification_id = ANY($1)", ids)
+        for r in await conn.fetch(
+            "SELECT * FROM pgnotify.inbox WHERE notification_id = ANY($1)", ids
+        )
     }
     assert len(inbox) == 300
     for row in rows:
@@ -367,7 +374,9 @@ async def test_inapp_set_write_finds_rows_already_stored(
                 "FROM generate_series(1, 3) g RETURNING id"
             )
         ]
-        first = await store.inbox_deliver(ids[0], user_id="user-1", category=None, title=None, body="x", data={})
+        first = await store.inbox_deliver(
+            ids[0], user_id="user-1", category=None, title=None, body="x", data={}
+        )
         found = await store.inbox_deliver_many(
             [(nid, f"user-{i + 1}", None, None, "x", {"k": i}) for i, nid in enumerate(ids)]
         )

@@ -473,9 +473,16 @@ class Service:
                     }
                     for slot in entry.slots
                 },
-                "concurrency": state.limit if state else 0,
+                "concurrency": self.settings.concurrency_for(name) if state else 0,
                 "in_flight": state.in_flight if state else 0,
             }
+        batching = {  # channels whose provider sends batch requests now (delivery/batch.py)
+            name: {"batch_size": size, "rows_in_flight_limit": state.limit}
+            for name, state in (worker.channels.items() if worker else ())
+            if worker is not None
+            and worker.batcher is not None
+            and (size := worker.batcher.size(name)) > 1
+        }
         queue: list[dict[str, Any]] | dict[str, str] = []
         if self.store is not None:
             try:
@@ -510,6 +517,7 @@ class Service:
             "held_claims": len(worker.held) if worker else 0,
             "jobs": await self._jobs_status(),
             "channels": channels,
+            "batching": batching,
             "destinations": self.destinations.describe() if self.destinations else {},
             "queue": queue,
             "rate_limits": limits,

@@ -181,18 +181,18 @@ class BatchSender:
         """Rows that may share a request, at most `size` per request and each recipient once
         per request (SendGrid refuses a repeated address)."""
         size = self._size_of_provider(provider)
-        by_key: dict[Hashable, list[list[_Ready]]] = {}
+        by_key: dict[Hashable, list[tuple[list[_Ready], set[str]]]] = {}
         for item in ready:
             chunks = by_key.setdefault(provider.batch_key(item.message), [])
-            for chunk in chunks:
-                if len(chunk) < size and all(
-                    other.message.recipient != item.message.recipient for other in chunk
-                ):
+            recipient = item.message.recipient
+            for chunk, recipients in chunks:
+                if len(chunk) < size and recipient not in recipients:
                     chunk.append(item)
+                    recipients.add(recipient)
                     break
             else:
-                chunks.append([item])
-        return [chunk for chunks in by_key.values() for chunk in chunks]
+                chunks.append(([item], {recipient}))
+        return [chunk for chunks in by_key.values() for chunk, _ in chunks]
 
     def _size_of_provider(self, provider: BatchProvider) -> int:
         wanted = self.config.sizes.get(provider.name, provider.batch_limit)

@@ -155,8 +155,19 @@ def start_worker(
         "PGNOTIFY_LOG_LEVEL": "WARNING",
         "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
     }
+    profile = os.environ.get("BENCH_PROFILE")  # a directory: cProfile each worker into it
+    wrap = (
+        [
+            "-m",
+            "cProfile",
+            "-o",
+            f"{profile}/{scenario.channel}-{scenario.batching or 'single'}.prof",
+        ]
+        if profile
+        else []
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "pgnotify_worker", "run"], env=env, stdout=subprocess.DEVNULL
+        [sys.executable, *wrap, "-m", "pgnotify_worker", "run"], env=env, stdout=subprocess.DEVNULL
     )
 
 

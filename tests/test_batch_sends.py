@@ -387,3 +387,90 @@ async def test_inapp_set_write_finds_rows_already_stored(
     assert await conn.fetchval(
         "SELECT data FROM pgnotify.inbox WHERE notification_id = $1", ids[2]
     ) == {"k": 2}
+
+
+# --- the pieces: settings, the port, the providers' whole-request answers --------------------------
+
+
+def test_batch_settings_refuse_sizes_the_api_does_not_take(
+    worker_settings: Callable[..., Settings],
+) -> None:
+    from pgnotify_worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resend: a batch holds 1 to 100 messages"):
+        worker_settings(batch_size="resend=500")
+    with pytest.raises(ConfigError, match="twilio cannot batch"):
+        worker_settings(batch_providers="twilio")
+    assert worker_settings(batch_size="sendgrid=500").batch_size == {"sendgrid": 500}
+
+
+def test_which_providers_batch() -> None:
+    from pgnotify_worker.adapters.providers.fcm import FcmProvider
+    from pgnotify_worker.adapters.providers.inapp import InAppProvider
+    from pgnotify_worker.adapters.providers.resend import ResendProvider
+    from pgnotify_worker.adapters.providers.sendgrid import SendGridProvider
+    from pgnotify_worker.adapters.providers.webhook import WebhookProvider
+
+    def batches(cls: type) -> bool:  # what isinstance(provider, BatchProvider) checks
+        return all(hasattr(cls, name) for name in ("batch_limit", "batch_key", "send_batch"))
+
+    assert batches(ResendProvider) and ResendProvider.batch_limit == 100
+    assert batches(SendGridProvider) and SendGridProvider.batch_limit == 1000
+    assert batches(InAppProvider)
+    assert not batches(FcmProvider)  # FCM's batch endpoint is gone
+    assert not batches(WebhookProvider)
+
+
+def test_batch_tokens_count_requests() -> None:
+    from pgnotify_worker.delivery.limits import Budget
+
+    # 3 tokens paid for up to 300 rows; 250 were claimed: 3 requests, nothing to give back
+    assert Budget("resend", 300, per=100).unused(250) == 0
+    assert Budget("resend", 300, per=100).unused(120) == 1
+    assert Budget("resend", 40, per=100).unused(0) == 1
+    assert Budget("twilio", 10).unused(7) == 3
+
+
+async def test_resend_batch_answers_as_a_whole_when_the_request_fails(
+    resend_fake: FakeResend,
+) -> None:
+    from pgnotify_worker.adapters.providers.resend import ResendProvider
+    from pgnotify_worker.models import Permanent, Retryable
+    from tests.support.providers import notification
+
+    provider = ResendProvider(RESEND_KEY, SENDER, base_url=resend_fake.url, timeout=2)
+    await provider.start()
+    try:
+        messages = [_message(notification("email", f"r{i}@example.com"), i) for i in range(1, 4)]
+        resend_fake.rate_limit_next(1, retry_after=7)
+        throttled = await provider.send_batch(messages)
+        resend_fake.fail_next(1, status=401)
+        tripped = await provider.send_batch(messages)
+        mixed = await provider.send_batch([*messages, _message(messages[0], 9, subject="")])
+    finally:
+        await provider.close()
+    assert isinstance(throttled, Retryable) and throttled.throttled
+    assert throttled.retry_after == 7
+    assert isinstance(tripped, Retryable) and tripped.trip
+    assert isinstance(mixed, list)  # a refused-before-sending email gets its own outcome
+    assert [type(o).__name__ for o in mixed] == ["Sent", "Sent", "Sent", "Permanent"]
+    assert isinstance(mixed[3], Permanent) and mixed[3].code == "no_subject"
+
+
+def _message(source: Any, nid: int, subject: str = "Hi") -> Any:
+    from dataclasses import replace
+
+    from pgnotify_worker.models import RenderedMessage
+
+    if isinstance(source, RenderedMessage):
+        return replace(source, notification_id=nid, idempotency_key=f"pgn_{nid}", subject=subject)
+    return RenderedMessage(
+        notification_id=nid,
+        idempotency_key=f"pgn_{nid}",
+        channel="email",
+        recipient=source.recipient,
+        subject=subject,
+        text="Hello",
+        html=None,
+        data={},
+    )

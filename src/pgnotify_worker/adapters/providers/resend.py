@@ -68,6 +68,8 @@ class ResendProvider(http.HttpProvider):
         its emails' keys, so the same batch retried after a 5xx or a timeout is answered from
         Resend's record instead of being sent again (https://resend.com/docs/api-reference/
         emails/send-batch-emails)."""
+        if len(messages) == 1:  # alone (a retry, mostly): POST /emails with its own key
+            return [await self.send(messages[0])]
         outcomes: list[Outcome | None] = [missing_content(m) for m in messages]
         members = [i for i, o in enumerate(outcomes) if o is None]
         if members:

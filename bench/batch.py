@@ -179,7 +179,9 @@ def ask_count(fake: subprocess.Popen[str]) -> tuple[int, int, int]:
     return int(total), int(batch), int(sent)
 
 
-async def bench(plan: Plan, dsn: str | None) -> tuple[dict[str, list[Run]], dict[str, str]]:
+async def bench(
+    plan: Plan, dsn: str | None, only: str | None = None
+) -> tuple[dict[str, list[Run]], dict[str, str]]:
     cluster = None
     if dsn is None:
         cluster = TempCluster(settings=DURABLE).start()
@@ -205,6 +207,8 @@ async def bench(plan: Plan, dsn: str | None) -> tuple[dict[str, list[Run]], dict
         await migrate.migrate(conn)
         for _ in range(plan.runs):
             for scenario in SCENARIOS:  # interleaved: the host's noise falls on every scenario
+                if only and scenario.channel != only:
+                    continue
                 await reset(conn)
                 ask_count(fake)
                 port = free_port()
@@ -291,6 +295,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds; not meaningful")
     parser.add_argument("--dsn", help="admin DSN of an existing server (default: throwaway)")
     parser.add_argument("--runs", type=int, help="runs per scenario")
+    parser.add_argument("--only", choices=("email", "inapp"), help="only this channel's pair")
     parser.add_argument("--save", type=Path, help="also write the table to this file")
     parser.add_argument("--serve-resend", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,7 +305,7 @@ def main() -> None:
     plan = SMOKE if args.smoke else Plan()
     if args.runs:
         plan.runs = args.runs
-    results, info = asyncio.run(bench(plan, args.dsn))
+    results, info = asyncio.run(bench(plan, args.dsn, args.only))
     table = report(results, info, plan)
     print(table)
     if args.save:

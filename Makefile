@@ -127,6 +127,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.status_notify
 	$(BIN)/python -m bench.topics
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.batch
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -140,6 +141,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.status_notify --smoke
 	$(BIN)/python -m bench.topics --smoke
 	$(BIN)/python -m bench.console --smoke
+	$(BIN)/python -m bench.batch --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -454,6 +454,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "NEXT_DUE": (),
         "TEMPLATE": ("welcome", "email", [""]),
         "INBOX_DELIVER": (nid, "ada", None, "Hi", "x", "{}"),
+        "INBOX_DELIVER_MANY": ([nid], ["ada"], [None], ["Hi"], ["x"], ["{}"]),
         "QUEUE_STATUS": (),
         "PING": ("pgnotify_test", "x"),
         "ALIVE": (),

@@ -18,6 +18,8 @@ from pgnotify_worker.errors import ConfigError
 from pgnotify_worker.models import CHANNELS
 
 ENV_PREFIX = "PGNOTIFY_"
+# Providers that can batch, and the most messages their API takes in one request.
+BATCH_LIMITS = {"resend": 100, "sendgrid": 1000, "inapp": 1000}
 
 
 def _split(value: Any) -> Any:
@@ -151,6 +153,24 @@ class CoreSettings(BaseSettings):
         description="Per-provider requests per second and burst, e.g. resend=5/10,twilio=20, "
         "shared by all replicas (kept in PostgreSQL; give every replica the same value). "
         "Defaults: resend 5/s, sendgrid 100/s, smtp 10/s, twilio 50/s, fcm 500/s, webhook none.",
+    )
+    batch_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["inapp"],
+        description="Providers that send a claimed broadcast in batch requests: resend "
+        "(POST /emails/batch), sendgrid (personalizations), inapp (one INSERT); empty = every "
+        "notification its own request. See docs/batch-sends.md.",
+    )
+    batch_size: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="Messages per batch request, e.g. resend=50,sendgrid=500. Defaults and most: "
+        "resend 100, sendgrid 1000, inapp 1000.",
+    )
+    batch_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times a batch request that failed as a whole (5xx, timeout) is sent again "
+        "at once, unchanged (the same Idempotency-Key), before its rows are retried one by one.",
     )
     circuit_failure_threshold: int = Field(
         5, ge=1, description="Retryable failures in a row that open a provider's circuit."
@@ -306,6 +326,7 @@ class CoreSettings(BaseSettings):
         "alert_recipients",
         "app_cors_origins",
         "console_trusted_proxies",
+        "batch_providers",
         mode="before",
     )
     @classmethod
@@ -383,6 +404,41 @@ class CoreSettings(BaseSettings):
                 raise ValueError(f"unknown channel {name!r}")
             if number < 1:
                 raise ValueError(f"{name}: concurrency must be at least 1")
+        return value
+
+    @field_validator("batch_providers")
+    @classmethod
+    def _batching(cls, value: list[str]) -> list[str]:
+        unknown = [p for p in value if p not in BATCH_LIMITS]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} cannot batch; batching providers: {', '.join(BATCH_LIMITS)}"
+            )
+        return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, int] = {}
+        for item in _split(value):
+            name, sep, number = item.partition("=")
+            if not sep or not number.strip().isdigit():
+                raise ValueError(f"{item!r} is not provider=number")
+            pairs[name.strip()] = int(number)
+        return pairs
+
+    @field_validator("batch_size")
+    @classmethod
+    def _known_sizes(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, number in value.items():
+            if name not in BATCH_LIMITS:
+                raise ValueError(
+                    f"{name!r} cannot batch; batching providers: resend, sendgrid, inapp"
+                )
+            if not 1 <= number <= BATCH_LIMITS[name]:
+                raise ValueError(f"{name}: a batch holds 1 to {BATCH_LIMITS[name]} messages")
         return value
 
     @field_validator("alert_recipients")

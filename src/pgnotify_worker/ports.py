@@ -3,7 +3,7 @@ implement them; the delivery package sees nothing else (checked by import-linter
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from pgnotify_worker.core.throttle import Take
@@ -31,6 +31,27 @@ class Provider(Protocol):
 
     async def send(self, message: RenderedMessage) -> Outcome:
         """Deliver; Sent, Retryable or Permanent."""
+        ...
+
+
+@runtime_checkable
+class BatchProvider(Protocol):
+    """Optional on a Provider whose API takes many messages in one request (Resend's batch
+    endpoint, SendGrid personalizations, the in-app inbox). delivery.batch groups claimed rows by
+    `batch_key` and sends each group with one `send_batch` call."""
+
+    name: str
+    batch_limit: int  # the most messages the API takes in one request
+
+    def batch_key(self, message: RenderedMessage) -> Hashable:
+        """Messages with equal keys may share one request (same sender, same content...)."""
+        ...
+
+    async def send_batch(self, messages: Sequence[RenderedMessage]) -> Sequence[Outcome] | Outcome:
+        """Deliver them in one request; never raises. One outcome per message, in order, when the
+        provider answered per message (a partly rejected batch); a single Outcome when the
+        request failed as a whole (5xx, timeout, 429): nothing of it was accepted, or (5xx,
+        timeout) it is unknown what was, and a retry must be the same request."""
         ...
 
 

@@ -34,6 +34,7 @@ from pgnotify_worker.core.redact import Scrubber
 from pgnotify_worker.core.retry import RetryPolicy
 from pgnotify_worker.core.templates import Renderer
 from pgnotify_worker.core.unsubscribe import make_token
+from pgnotify_worker.delivery.batch import BatchSender, BatchSettings
 from pgnotify_worker.delivery.destinations import Destinations
 from pgnotify_worker.delivery.dispatcher import Dispatcher
 from pgnotify_worker.delivery.failover import ChannelProviders, Failover
@@ -277,8 +278,14 @@ class Service:
                 preferences_url=self._preference_links(unsubscribe_key),
                 tracing=tracing,
             )
+            batcher = BatchSender(
+                dispatcher,
+                BatchSettings(
+                    frozenset(s.batch_providers), dict(s.batch_size), retries=s.batch_retries
+                ),
+            )
             enabled = {
-                channel: s.concurrency_for(channel)
+                channel: batcher.row_limit(channel, s.concurrency_for(channel))
                 for channel, entry in self.providers.items()
                 if not entry.disabled_reason
             }
@@ -298,6 +305,7 @@ class Service:
                     wake_tokens=wake_tokens,
                 ),
                 tracing,
+                batcher,
             )
             self.worker = worker
             if self._stop_requested.is_set():
@@ -538,9 +546,16 @@ class Service:
                     }
                     for slot in entry.slots
                 },
-                "concurrency": state.limit if state else 0,
+                "concurrency": self.settings.concurrency_for(name) if state else 0,
                 "in_flight": state.in_flight if state else 0,
             }
+        batching = {  # channels whose provider sends batch requests now (delivery/batch.py)
+            name: {"batch_size": size, "rows_in_flight_limit": state.limit}
+            for name, state in (worker.channels.items() if worker else ())
+            if worker is not None
+            and worker.batcher is not None
+            and (size := worker.batcher.size(name)) > 1
+        }
         queue: list[dict[str, Any]] | dict[str, str] = []
         if self.store is not None:
             try:
@@ -575,6 +590,7 @@ class Service:
             "held_claims": len(worker.held) if worker else 0,
             "jobs": await self._jobs_status(),
             "channels": channels,
+            "batching": batching,
             "destinations": self.destinations.describe() if self.destinations else {},
             "queue": queue,
             "rate_limits": limits,

@@ -66,11 +66,19 @@ _FROM_RE = re.compile(rf"^\s*(?:{_EMAIL}|[^<>]*<{_EMAIL}>)\s*$")
 
 
 class FakeResend(FakeServer):
-    """`POST /emails` with Bearer auth, required User-Agent and Idempotency-Key semantics.
+    """`POST /emails` and `POST /emails/batch` with Bearer auth, required User-Agent and
+    Idempotency-Key semantics.
 
-    `sent` holds the JSON bodies of accepted emails (an idempotent replay adds nothing) and
-    `sent_ids[i]` the id returned for `sent[i]`.
+    `sent` holds the JSON bodies of accepted emails (an idempotent replay adds nothing; a batch
+    adds each of its emails) and `sent_ids[i]` the id returned for `sent[i]`.
+
+    The batch endpoint (resend.com/docs/api-reference/emails/send-batch-emails) takes up to 100
+    emails; `x-batch-validation: permissive` sends the valid ones and reports the others in
+    `errors` as {index, message}; strict (the default) refuses the whole batch for one bad email.
+    A batch Idempotency-Key replays the first answer for the same body.
     """
+
+    BATCH_LIMIT = 100
 
     RATE_LIMIT = 5  # ratelimit-limit on every answer (docs: 5 req/s per team; not a contract)
 
@@ -83,6 +91,11 @@ class FakeResend(FakeServer):
         self.idempotency: dict[str, tuple[str, str]] = {}
         self._in_flight: set[str] = set()
         self._concurrent: set[int] = set()  # id() of requests that arrived while in flight
+        # Idempotency-Key of a batch -> (canonical body, answer)
+        self.batch_idempotency: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._lose_answers = 0
+        # addresses Resend refuses as if they were malformed (the database accepted them)
+        self.invalid_recipients: set[str] = set()
 
     # --- realistic bodies --------------------------------------------------------------------
 
@@ -132,13 +145,86 @@ class FakeResend(FakeServer):
         name = "monthly_quota_exceeded" if monthly else "daily_quota_exceeded"
         self.fail_next(n, status=429, body=self.error(name), headers=self._limit_headers())
 
+    def lose_answers_next(self, n: int) -> None:
+        """Process the next `n` batch requests as usual (the emails are sent and the key is
+        recorded), then answer 500 as if the answer were lost on the way back."""
+        self._lose_answers += n
+
     # --- routes ------------------------------------------------------------------------------
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/emails", self._route(self._send))
+        app.router.add_post("/emails/batch", self._route(self._send_batch))
+
+    async def _send_batch(self, request: web.Request, rec: Recorded) -> web.StreamResponse:
+        if not rec.header("user-agent"):
+            return web.Response(status=403, text="error code: 1010")
+        if rec.header("authorization") is None or bearer_token(rec) is None:
+            return self._fail("missing_api_key")
+        if bearer_token(rec) != self.api_key:
+            return self._fail("invalid_api_key")
+        key = rec.header("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 256:
+            return self._fail("invalid_idempotency_key")
+        emails = rec.json
+        if not isinstance(emails, list) or not emails:
+            return self._fail("validation_error", "The body must be a non-empty array of emails.")
+        if len(emails) > self.BATCH_LIMIT:
+            return self._fail(
+                "validation_error",
+                f"The batch must contain at most {self.BATCH_LIMIT} emails.",
+                422,
+            )
+        canonical = json.dumps(emails, sort_keys=True, separators=(",", ":"))
+        if key is not None:
+            if id(rec) in self._concurrent:
+                return self._fail("concurrent_idempotent_requests")
+            seen = self.batch_idempotency.get(key)
+            if seen is not None:
+                if seen[0] != canonical:
+                    return self._fail("invalid_idempotent_request")
+                return make_response(200, seen[1], self._limit_headers())
+        permissive = (rec.header("x-batch-validation") or "strict").lower() == "permissive"
+        problems: list[dict[str, Any]] = []
+        for index, email in enumerate(emails):
+            problem = (
+                self._validate(email)
+                if isinstance(email, dict)
+                else ("validation_error", "Each email must be an object.")
+            )
+            if problem is None and isinstance(email, dict):
+                if set(email["to"] if isinstance(email["to"], list) else [email["to"]]) & (
+                    self.invalid_recipients
+                ):
+                    problem = ("validation_error", "Invalid `to` field.")
+                for name in ("attachments", "scheduled_at"):
+                    if name in email:
+                        problem = ("validation_error", f"`{name}` is not supported in batches.")
+            if problem is not None:
+                message = problem[1] or ERROR_MESSAGES.get(problem[0], (422, ""))[1]
+                if not permissive:
+                    return self._fail(problem[0], f"Email {index}: {message}", 422)
+                problems.append({"index": index, "message": message})
+        bad = {p["index"] for p in problems}
+        data = []
+        for index, email in enumerate(emails):
+            if index not in bad:
+                email_id = str(uuid.uuid4())
+                self.sent.append(email)
+                self.sent_ids.append(email_id)
+                data.append({"id": email_id})
+        answer: dict[str, Any] = {"data": data}
+        if permissive:
+            answer["errors"] = problems
+        if key is not None:
+            self.batch_idempotency[key] = (canonical, answer)
+        if self._lose_answers > 0:
+            self._lose_answers -= 1
+            return self._fail("internal_server_error")
+        return make_response(200, answer, self._limit_headers())
 
     async def _unknown_route(self, request: web.Request) -> web.StreamResponse:
-        if request.path == "/emails":
+        if request.path in ("/emails", "/emails/batch"):
             return self._fail("method_not_allowed")
         return self._fail("not_found")
 

@@ -7,6 +7,7 @@ page (sendgrid/docs `source/API_Reference/Web_API_v3/Mail/errors.md`).
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 import time
@@ -34,8 +35,20 @@ RESERVED_HEADERS = {
 }
 _EMAIL_RE = re.compile(r"^[^\s@<>\"]+@[^\s@<>\"]+\.[^\s@<>\"]+$")
 
+PERSONALIZATION_LIMIT = 1000
+
 _MESSAGES = {
     "personalizations": "You must have at least one personalization.",
+    "personalizations.limit": (
+        "The personalization block is limited to 1000 personalizations per API request. You "
+        "have provided {n} personalizations. Please consider splitting this into multiple "
+        "requests and resending your request."
+    ),
+    "personalizations.unique": (
+        "Each unique email address in the personalizations array should only be included once. "
+        "You have included email address more than once."
+    ),
+    "substitutions": "Substitutions must be an object of strings, at most 10000 bytes in all.",
     "personalizations.to": "The to parameter is required for all personalization objects.",
     "to.email": (
         "The to array must at least have an email parameter with a valid email address and it "
@@ -109,6 +122,8 @@ class FakeSendGrid(FakeServer):
         self.api_key = api_key
         self.sent: list[dict[str, Any]] = []
         self.message_ids: list[str] = []
+        # addresses SendGrid refuses as if they were malformed (the database accepted them)
+        self.invalid_recipients: set[str] = set()
 
     # --- realistic bodies --------------------------------------------------------------------
 
@@ -160,11 +175,24 @@ class FakeSendGrid(FakeServer):
             return make_response(415, self.error("Invalid UTF8 in request"))
         if not isinstance(rec.json, dict):
             return make_response(400, self.error("Bad Request"))
+        bad_recipients = self._bad_recipients(rec.json)
+        if bad_recipients:  # every personalization with a bad address, each its own error
+            errors = [
+                {
+                    "message": _MESSAGES["to.email"],
+                    "field": field,
+                    "help": HELP + "personalizations.to",
+                }
+                for field in bad_recipients
+            ]
+            return make_response(400, {"errors": errors})
         problem = self._validate(rec.json)
         if problem is not None:
             key, field = problem
             help_anchor = key.split(".")[0] if key != "to.email" else "personalizations.to"
-            return make_response(400, self.error(_MESSAGES[key], field, HELP + help_anchor))
+            count = len(rec.json.get("personalizations") or [])
+            message = _MESSAGES[key].replace("{n}", str(count))
+            return make_response(400, self.error(message, field, HELP + help_anchor))
         mid = message_id()
         sandbox = (rec.json.get("mail_settings") or {}).get("sandbox_mode") or {}
         if sandbox.get("enable") is True:
@@ -173,12 +201,76 @@ class FakeSendGrid(FakeServer):
         self.message_ids.append(mid)
         return web.Response(status=202, headers={"X-Message-Id": mid})
 
+    def emails(self) -> list[dict[str, Any]]:
+        """Every accepted email as its recipient gets it: one per personalization, with that
+        personalization's subject, headers and custom_args and its substitutions applied to the
+        content and subject."""
+        out = []
+        for body in self.sent:
+            for p in body["personalizations"]:
+                subs = p.get("substitutions") or {}
+
+                def apply(text: str | None, subs: dict[str, str] = subs) -> str | None:
+                    for tag, value in subs.items():
+                        text = text.replace(tag, value) if text is not None else None
+                    return text
+
+                content = {c["type"]: apply(c["value"]) for c in body.get("content") or []}
+                for to in p["to"]:
+                    out.append(
+                        {
+                            "to": to["email"],
+                            "subject": apply(p.get("subject") or body.get("subject")),
+                            "text": content.get("text/plain"),
+                            "html": content.get("text/html"),
+                            "headers": {**(body.get("headers") or {}), **(p.get("headers") or {})},
+                            "custom_args": {
+                                **(body.get("custom_args") or {}),
+                                **(p.get("custom_args") or {}),
+                            },
+                            "categories": body.get("categories"),
+                        }
+                    )
+        return out
+
+    def _bad_recipients(self, body: dict[str, Any]) -> list[str]:
+        """Fields of every `to` address that is not an email address."""
+        pers = body.get("personalizations")
+        fields = []
+        for i, p in enumerate(pers if isinstance(pers, list) else []):
+            for j, to in enumerate(p.get("to") or [] if isinstance(p, dict) else []):
+                email = to.get("email") if isinstance(to, dict) else None
+                if (
+                    not isinstance(email, str)
+                    or not _EMAIL_RE.match(email)
+                    or email in self.invalid_recipients
+                ):
+                    fields.append(f"personalizations.{i}.to.{j}.email")
+        return fields
+
     @staticmethod
     def _validate(body: dict[str, Any]) -> tuple[str, str | None] | None:
         """(message key, field) of the first problem, in the order SendGrid reports them."""
         pers = body.get("personalizations")
         if not isinstance(pers, list) or not pers:
             return "personalizations", "personalizations"
+        if len(pers) > PERSONALIZATION_LIMIT:
+            return "personalizations.limit", "personalizations"
+        seen: set[str] = set()
+        for i, p in enumerate(pers):
+            for to in p.get("to") or [] if isinstance(p, dict) else []:
+                email = to.get("email") if isinstance(to, dict) else None
+                if isinstance(email, str):
+                    if email.lower() in seen:
+                        return "personalizations.unique", None
+                    seen.add(email.lower())
+            subs = p.get("substitutions") if isinstance(p, dict) else None
+            if subs is not None and (
+                not isinstance(subs, dict)
+                or not all(isinstance(v, str) for v in subs.values())
+                or len(json.dumps(subs).encode()) > 10_000
+            ):
+                return "substitutions", f"personalizations.{i}.substitutions"
         for i, p in enumerate(pers):
             if not isinstance(p, dict) or not isinstance(p.get("to"), list) or not p["to"]:
                 return "personalizations.to", f"personalizations.{i}.to"

@@ -325,6 +325,24 @@ class QueueStore:
         return value
 
     @translated
+    async def inbox_deliver_many(
+        self,
+        rows: Sequence[tuple[int, str, str | None, str | None, str | None, dict[str, Any]]],
+    ) -> dict[int, int]:
+        """Store many in-app messages (notification id, user, category, title, body, data) in
+        one statement; notification id -> inbox id (a retry finds the stored row)."""
+        found = await self.pool.fetch(
+            queries.INBOX_DELIVER_MANY,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
+            [json.dumps(r[5]) for r in rows],
+        )
+        return {r["notification_id"]: r["id"] for r in found}
+
+    @translated
     async def devices_of(self, user_id: str) -> list[tuple[int, str, str]]:
         """(id, platform, token) of a user's active devices."""
         rows = await self.pool.fetch(queries.DEVICES_OF, user_id)

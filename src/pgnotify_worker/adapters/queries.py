@@ -162,6 +162,23 @@ SELECT id FROM pgnotify.inbox WHERE notification_id = $1
 LIMIT 1
 """
 
+# inbox_deliver_many: store the in-app messages of many notifications (arrays by position) in
+# one statement; those already stored (a retry) are found, not stored twice. (notification, id).
+INBOX_DELIVER_MANY = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+        AS t(notification_id, user_id, category, title, body, data)
+), ins AS (
+    INSERT INTO pgnotify.inbox (notification_id, user_id, category, title, body, data)
+    SELECT notification_id, user_id, category, title, body, data::jsonb FROM input
+    ON CONFLICT (notification_id) DO NOTHING
+    RETURNING notification_id, id
+)
+SELECT notification_id, id FROM ins
+UNION ALL
+SELECT i.notification_id, i.id FROM pgnotify.inbox i JOIN input USING (notification_id)
+"""
+
 # queue_status: per-channel counts for gauges and /status.
 QUEUE_STATUS = """
 SELECT channel, ready, scheduled, processing, retrying, dead, failed, held, oldest_ready_seconds

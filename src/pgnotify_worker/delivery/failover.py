@@ -59,6 +59,7 @@ class Failover:
         self.channels = channels
         self.destinations = destinations or Destinations({}, clock=clock)
         self.limits = limits  # None: no rate limit applies (tests of failover alone)
+        self.rows_per_token: dict[str, int] = {}  # batching providers: a token pays a request
         self.on_circuit = on_circuit
         self.on_failover = on_failover
         self.clock = clock
@@ -94,9 +95,11 @@ class Failover:
             if paused <= 0 and not self.limits.limited(slot.name):
                 return Budget(None, wanted)
             if paused <= 0:
-                grant = await self.limits.take(slot.name, wanted)
+                per = self.rows_per_token.get(slot.name, 1)
+                grant = await self.limits.take(slot.name, -(-wanted // per))
                 if grant.paused_for <= 0:
-                    return Budget(slot.name, grant.granted, grant.next_in)
+                    granted = min(wanted, grant.granted * per)
+                    return Budget(slot.name, granted, grant.next_in, per)
                 paused = grant.paused_for
             waits.append(paused)
         return Budget(None, 0, min(waits, default=self.blocked_for(channel)))
@@ -105,7 +108,7 @@ class Failover:
         """The claimed rows hold their provider's tokens; the rest go back."""
         if self.limits is not None and budget.provider is not None:
             self.limits.paid((n.id for n in claimed), budget.provider)
-            await self.limits.give_back(budget.provider, budget.granted - len(claimed))
+            await self.limits.give_back(budget.provider, budget.unused(len(claimed)))
 
     def settled(self, notification_id: int) -> None:
         """A delivery is over: forget its token."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pgnotify_worker.errors import StoreError
@@ -35,6 +35,11 @@ class Budget:
     provider: str | None
     granted: int
     wait: float = 0.0
+    per: int = 1  # rows one token pays for (a batching provider's token pays for a request)
+
+    def unused(self, claimed: int) -> int:
+        """Tokens a claim of `claimed` rows did not need."""
+        return -(-self.granted // self.per) - -(-claimed // self.per)
 
 
 class SharedLimits:
@@ -128,6 +133,24 @@ class SharedLimits:
     def forget(self, notification_id: int) -> None:
         """The row's delivery is over (an unused token is simply not used)."""
         self._paid.pop(notification_id, None)
+
+    async def admit_batch(self, provider: str, ids: Sequence[int]) -> float | None:
+        """Before a batch request (one token pays for it): as admit(); a request with a row
+        whose claim already paid a token of this provider takes no new one. StoreError."""
+        if not self.limited(provider):
+            return 0.0
+        if self.paused_for(provider) > 0:
+            return None
+        paid = [nid for nid in ids if self._paid.get(nid) == provider]
+        for nid in paid:
+            del self._paid[nid]
+        if paid:
+            return 0.0
+        grant = await self.store.take_tokens(provider, 1, self.rates[provider], reserve=True)
+        if grant.paused_for > 0:
+            self._note_pause(provider, grant.paused_for, "paused: the provider asked to slow down")
+            return None
+        return grant.ready_in
 
     async def admit(self, provider: str, notification_id: int) -> float | None:
         """Before a send: seconds to wait for its token (0 when already paid or unlimited), or

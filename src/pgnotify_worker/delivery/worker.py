@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from pgnotify_worker.core.backoff import Backoff
+from pgnotify_worker.delivery.batch import BatchSender
 from pgnotify_worker.delivery.dispatcher import Delivery, Dispatcher
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.wakeups import Wakeups
@@ -106,8 +107,10 @@ class Worker:
         channels: dict[str, int],
         config: WorkerSettings,
         tracing: Tracing | None = None,
+        batcher: BatchSender | None = None,
     ) -> None:
         self.store = store
+        self.batcher = batcher  # batch requests for broadcasts (delivery/batch.py)
         self.dispatcher = dispatcher
         self.templates = templates
         self.metrics = metrics
@@ -318,8 +321,7 @@ class Worker:
                 await self.dispatcher.give_back(budget, rows)
                 self.metrics.claimed_rows(state.name, len(rows))
                 await self.dispatcher.prepare(rows)
-                for n in rows:
-                    self._start_send(state, n)
+                self._start_sends(state, rows)
                 await self.wakeups.claimed(state.name, len(rows))  # after the sends started
                 if len(rows) < budget.granted or take < free:
                     break  # nothing more is ready, or the circuit allows no more
@@ -342,6 +344,53 @@ class Worker:
         task = asyncio.create_task(self._send(state, n))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
+
+    def _start_sends(self, state: ChannelState, rows: list[Notification]) -> None:
+        """A task per row, or per batch request when the channel's provider batches."""
+        size = self.batcher.size(state.name) if self.batcher and len(rows) > 1 else 0
+        if size < 2:
+            for n in rows:
+                self._start_send(state, n)
+            return
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            for n in chunk:
+                self.held[n.id] = n.attempt
+            state.in_flight += len(chunk)
+            self._idle.clear()
+            self.metrics.in_flight_delta(state.name, len(chunk))
+            task = asyncio.create_task(self._send_batch(state, chunk))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _send_batch(self, state: ChannelState, rows: list[Notification]) -> None:
+        assert self.batcher is not None
+        try:
+            for delivery in await self.batcher.deliver(state.name, rows):
+                self._results.put_nowait(delivery)
+        except Exception:  # deliver() classifies failures; reaching here is a bug
+            log.exception(
+                "delivery of a batch of %s crashed; their leases will expire and they are retried",
+                len(rows),
+                extra={"action": "delivery_crash", "count": len(rows)},
+            )
+            for n in rows:
+                if self.held.get(n.id) == n.attempt:
+                    del self.held[n.id]  # stop the heartbeat so the reaper takes them back
+        finally:
+            self._ended(state, len(rows))
+
+    def _ended(self, state: ChannelState, count: int) -> None:
+        """`count` sends of the channel ended: wake its claim loop when slots freed up."""
+        state.in_flight -= count
+        self.metrics.in_flight_delta(state.name, -count)
+        if state.want_more and (
+            state.in_flight == 0 or state.limit - state.in_flight >= state.refill
+        ):
+            state.want_more = False
+            state.wake.set()
+        if all(s.in_flight == 0 for s in self.channels.values()):
+            self._idle.set()
 
     async def _send(self, state: ChannelState, n: Notification) -> None:
         try:

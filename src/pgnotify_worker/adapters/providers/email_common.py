@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from email.headerregistry import Address
 from email.utils import parseaddr
 
 from pgnotify_worker.errors import ProviderConfigError
-from pgnotify_worker.models import Permanent, RenderedMessage
+from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
 
 
 def parse_sender(sender: str | None, provider: str) -> tuple[str, str]:
@@ -43,3 +44,13 @@ def missing_content(message: RenderedMessage) -> Permanent | None:
     if not message.text and not message.html:
         return Permanent("no_content", "an email needs a text or HTML body")
     return None
+
+
+def whole_or_each(
+    outcomes: Sequence[Outcome | None], whole: Outcome
+) -> Sequence[Outcome] | Outcome:
+    """A batch request failed as a whole: that outcome alone when every message was in it (the
+    caller may retry the same request), else each message's own (refused before sending) or it."""
+    if all(o is None for o in outcomes):
+        return whole
+    return [whole if o is None else o for o in outcomes]

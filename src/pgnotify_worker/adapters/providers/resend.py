@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     missing_content,
     parse_sender,
     unsubscribe_headers,
+    whole_or_each,
 )
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.core import signing
@@ -51,7 +53,52 @@ class ResendProvider(http.HttpProvider):
         self.sender = format_sender(*parse_sender(sender, "resend"))
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.url = base_url.rstrip("/") + "/emails"
+        self.batch_url = self.url + "/batch"
         super().__init__(timeout, now)
+
+    batch_limit = 100  # POST /emails/batch takes up to 100 emails
+
+    def batch_key(self, message: RenderedMessage) -> str:
+        """Every email of a batch is complete in itself: any two may share a request."""
+        return "emails"
+
+    async def send_batch(self, messages: Sequence[RenderedMessage]) -> Sequence[Outcome] | Outcome:
+        """POST /emails/batch in permissive validation mode: a rejected email is reported by its
+        index in `errors` and the others are sent. The request's Idempotency-Key is derived from
+        its emails' keys, so the same batch retried after a 5xx or a timeout is answered from
+        Resend's record instead of being sent again (https://resend.com/docs/api-reference/
+        emails/send-batch-emails)."""
+        if len(messages) == 1:  # alone (a retry, mostly): POST /emails with its own key
+            return [await self.send(messages[0])]
+        outcomes: list[Outcome | None] = [missing_content(m) for m in messages]
+        members = [i for i, o in enumerate(outcomes) if o is None]
+        if members:
+            batch = [messages[i] for i in members]
+            headers = {
+                **self._headers,
+                "Idempotency-Key": batch_idempotency_key(batch),
+                "x-batch-validation": "permissive",
+            }
+            data = json.dumps([self.body(m) for m in batch]).encode()
+            try:
+                answer = await self.call("POST", self.batch_url, data=data, headers=headers)
+            except http.TRANSPORT_ERRORS as exc:  # retried with the same key: safe
+                return whole_or_each(outcomes, http.transport_outcome(exc, "resend"))
+            found = http.json_body(answer)
+            if answer.status != 200 or not isinstance(found.get("data"), list):
+                return whole_or_each(
+                    outcomes,
+                    classify_resend(
+                        answer.status,
+                        found.get("name") if isinstance(found.get("name"), str) else None,
+                        str(found.get("message", ""))[:300],
+                        answer.headers,
+                        self.now(),
+                    ),
+                )
+            for i, outcome in zip(members, resend_batch_items(found, len(batch)), strict=True):
+                outcomes[i] = outcome
+        return [o if o is not None else Retryable("resend_batch", "not sent") for o in outcomes]
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         """The JSON of POST /emails."""
@@ -90,6 +137,34 @@ class ResendProvider(http.HttpProvider):
             answer.headers,
             self.now(),
         )
+
+
+def batch_idempotency_key(messages: Sequence[RenderedMessage]) -> str:
+    """The same emails in the same order give the same key (at most 256 characters)."""
+    digest = hashlib.sha256("\n".join(m.idempotency_key for m in messages).encode()).hexdigest()
+    return f"pgnotify-batch/{digest}"
+
+
+def resend_batch_items(found: Mapping[str, Any], size: int) -> list[Outcome]:
+    """Per email of a permissive batch answer: `errors` name rejected emails by index (0-based,
+    in the request); `data` holds the ids of the created ones, in request order."""
+    rejected: dict[int, str] = {}
+    for error in found.get("errors") or []:
+        if isinstance(error, dict) and isinstance(error.get("index"), int):
+            rejected[error["index"]] = str(error.get("message", ""))[:300]
+    ids = [item.get("id") if isinstance(item, dict) else None for item in found["data"]]
+    if len(ids) + len(rejected) != size or not all(isinstance(i, str) for i in ids):
+        # An answer that does not add up: which email got which id is unknown. Retried as the
+        # same batch (same key), Resend answers from its record rather than sending again.
+        unclear = Retryable("resend_batch_answer", "resend batch answer does not match the request")
+        return [unclear] * size
+    created = iter(ids)
+    return [
+        Permanent("resend_validation_error", f"resend rejected this email: {rejected[index]}")
+        if index in rejected
+        else Sent(str(next(created)))
+        for index in range(size)
+    ]
 
 
 # --- how its answers are classified ---------------------------------------------------------

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import html as htmllib
 import json
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +24,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     missing_content,
     parse_sender,
     unsubscribe_headers,
+    whole_or_each,
 )
 from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
 from pgnotify_worker.core import signing
@@ -108,6 +111,139 @@ class SendGridProvider(http.HttpProvider):
             self.now(),
             answer.headers.get("X-Message-Id"),
         )
+
+    # --- many recipients in one request: personalizations ------------------------------------
+
+    batch_limit = 1000  # personalizations (and recipients) per mail/send request
+
+    def _shared(self, message: RenderedMessage) -> tuple[str | None, str | None, dict[str, str]]:
+        """Text and HTML with this recipient's own values (address, unsubscribe link) replaced
+        by substitution tags, and the values: what personalizations carry per recipient."""
+        values = {RECIPIENT_TAG: message.recipient}
+        if message.unsubscribe_url:
+            values[UNSUBSCRIBE_TAG] = message.unsubscribe_url
+            values[UNSUBSCRIBE_HTML_TAG] = htmllib.escape(message.unsubscribe_url)
+
+        def generic(text: str | None, tags: tuple[str, ...]) -> str | None:
+            for tag in tags:  # longest value first: a link may contain the address
+                if text is not None and values.get(tag):
+                    text = text.replace(values[tag], tag)
+            return text
+
+        order = sorted(values, key=lambda tag: -len(values[tag]))
+        text = generic(message.text, tuple(t for t in order if t != UNSUBSCRIBE_HTML_TAG))
+        html = generic(message.html, tuple(t for t in order if t != UNSUBSCRIBE_TAG))
+        return text, html, values
+
+    def batch_key(self, message: RenderedMessage) -> tuple[str | None, ...]:
+        """Recipients share a request when their email is the same apart from their own address
+        and unsubscribe link (a broadcast): SendGrid sends one content to every personalization,
+        with each one's substitutions. Content that already holds a tag goes alone."""
+        raw = f"{message.text or ''}{message.html or ''}"
+        if TAG_RE.search(raw):
+            return ("alone", str(message.notification_id))
+        text, html, _ = self._shared(message)
+        return (text, html, self._category(message))
+
+    @staticmethod
+    def _category(message: RenderedMessage) -> str | None:
+        category = message.category
+        return category if category and category.isascii() and len(category) <= 255 else None
+
+    def batch_body(self, messages: Sequence[RenderedMessage]) -> dict[str, Any]:
+        """One mail/send body: the shared content once, a personalization per message (its
+        recipient, subject, substitutions, custom_args and unsubscribe headers)."""
+        text, html, _ = self._shared(messages[0])
+        personalizations = []
+        for message in messages:
+            values = self._shared(message)[2]
+            personalization: dict[str, Any] = {
+                "to": [{"email": message.recipient}],
+                "subject": message.subject,
+                "substitutions": values,
+                "custom_args": {
+                    "notification_id": str(message.notification_id),
+                    "idempotency_key": message.idempotency_key,
+                },
+            }
+            headers = unsubscribe_headers(message)
+            if headers:
+                personalization["headers"] = headers
+            personalizations.append(personalization)
+        content = []
+        if text:
+            content.append({"type": "text/plain", "value": text})
+        if html:
+            content.append({"type": "text/html", "value": html})
+        body: dict[str, Any] = {
+            "personalizations": personalizations,
+            "from": self.sender,
+            "subject": messages[0].subject,
+            "content": content,
+        }
+        category = self._category(messages[0])
+        if category:
+            body["categories"] = [category]
+        return body
+
+    async def send_batch(self, messages: Sequence[RenderedMessage]) -> Sequence[Outcome] | Outcome:
+        """One request for the group. SendGrid takes or refuses a request whole (one 202, one
+        X-Message-Id for all); a 400 whose errors all name personalizations fails those
+        messages with their own error and sends the others once more. SendGrid has no
+        idempotency key: a request retried after a 5xx or a timeout may deliver twice (as a
+        single send may); custom_args carry each notification id, so reports map back."""
+        if len(messages) == 1:
+            return [await self.send(messages[0])]
+        outcomes: list[Outcome | None] = [missing_content(m) for m in messages]
+        for _ in range(2):
+            members = [i for i, o in enumerate(outcomes) if o is None]
+            if not members:
+                break
+            data = json.dumps(self.batch_body([messages[i] for i in members])).encode()
+            try:
+                answer = await self.call("POST", self.url, data=data, headers=self._headers)
+            except http.TRANSPORT_ERRORS as exc:
+                return whole_or_each(outcomes, http.transport_outcome(exc, "sendgrid"))
+            errors = http.json_body(answer).get("errors")
+            items = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+            if answer.status == 400 and items:
+                named = [personalization_index(e.get("field")) for e in items]
+                if all(i is not None and i < len(members) for i in named):
+                    for index, error in zip(named, items, strict=True):
+                        assert index is not None
+                        message = str(error.get("message", ""))[:300]
+                        outcomes[members[index]] = Permanent(
+                            "sendgrid_400", f"sendgrid refused this recipient: {message}"
+                        )
+                    continue  # the rest were not sent: once more without the refused ones
+            first = items[0] if items else {}
+            outcome = classify_sendgrid(
+                answer.status,
+                str(first.get("message", ""))[:300],
+                answer.headers,
+                self.now(),
+                answer.headers.get("X-Message-Id"),
+            )
+            if isinstance(outcome, Sent):
+                return [outcome if o is None else o for o in outcomes]
+            return whole_or_each(outcomes, outcome)
+        return [
+            o if o is not None else Retryable("sendgrid_batch", "refused twice; sent alone next")
+            for o in outcomes
+        ]
+
+
+RECIPIENT_TAG = "-pgnotify-recipient-"
+UNSUBSCRIBE_TAG = "-pgnotify-unsubscribe-url-"
+UNSUBSCRIBE_HTML_TAG = "-pgnotify-unsubscribe-url-html-"
+TAG_RE = re.compile(r"-pgnotify-[a-z-]+-")
+_PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)\.")
+
+
+def personalization_index(field: object) -> int | None:
+    """3 for an error field `personalizations.3.to.0.email`; None for any other field."""
+    found = _PERSONALIZATION_FIELD.match(field) if isinstance(field, str) else None
+    return int(found.group(1)) if found else None
 
 
 # --- how its answers are classified ---------------------------------------------------------

@@ -248,7 +248,8 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 
 # provider_event: an inbound delivery report (delivered, bounced...) becomes an event of the
 # notification it is about, found by our id $2 or the provider's message id $3; a report seen
-# before (same provider $1 and external id $8) is not stored twice. Returns channel, recipient.
+# before (same provider $1 and external id $8, in any day's partition; a race within one day
+# meets that partition's unique index) is not stored twice. Returns channel, recipient.
 PROVIDER_EVENT = """
 WITH target AS (
     (SELECT id, channel, recipient, attempts FROM pgnotify.notifications WHERE id = $2)
@@ -260,7 +261,9 @@ WITH target AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, provider, error_code, error,
                                  detail, external_id)
     SELECT id, $4, attempts, $1, $5, $6, $7, $8 FROM target
-    ON CONFLICT (provider, external_id) WHERE external_id IS NOT NULL DO NOTHING
+    WHERE $8::text IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pgnotify.events e WHERE e.provider = $1 AND e.external_id = $8)
+    ON CONFLICT DO NOTHING
     RETURNING notification_id
 )
 SELECT target.id, target.channel, target.recipient, (SELECT count(*) FROM stored) AS stored
@@ -525,7 +528,8 @@ WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
 GROUP BY status ORDER BY status
 """
 
-# purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count).
+# purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count,
+# then one per dropped day partition of events).
 PURGE = "CALL pgnotify.apply_retention(keep => $1, keep_dead => $2)"
 
 # mark_real: a worker with a real provider serves channels $1 now (dev sinks leave older rows).

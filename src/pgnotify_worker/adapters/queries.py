@@ -390,11 +390,19 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND usename IS NO
   AND coalesce(backend_type, 'client backend') = 'client backend'
 """
 
-# queue_dead_tuples: dead row versions in the queue tables (a pinned snapshot keeps them).
+# queue_dead_tuples: dead row versions in the queue tables (a pinned snapshot keeps them); the
+# events' are the sum over its day partitions.
 QUEUE_DEAD_TUPLES = """
-SELECT relname AS "table", n_dead_tup AS dead
-FROM pg_stat_user_tables
-WHERE schemaname = 'pgnotify' AND relname IN ('notifications', 'events')
+SELECT CASE WHEN s.relname = 'notifications' THEN 'notifications' ELSE 'events' END AS "table",
+       sum(s.n_dead_tup)::bigint AS dead
+FROM pg_stat_user_tables s
+WHERE s.schemaname = 'pgnotify'
+  AND (s.relname = 'notifications'
+       OR s.relid IN (SELECT i.inhrelid FROM pg_inherits i
+                      JOIN pg_class p ON p.oid = i.inhparent
+                      JOIN pg_namespace ns ON ns.oid = p.relnamespace
+                      WHERE ns.nspname = 'pgnotify' AND p.relname = 'events'))
+GROUP BY 1
 """
 
 # destinations: origin, disabled?, reason of every destination recorded as failing or disabled.

@@ -472,9 +472,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         return preview, sum(removed), dropped
 
     with database(settings) as (dsn, _embedded):
-        preview, removed, dropped = asyncio.run(
-            _with_conn(dsn, go, settings.statement_cache_size)
-        )
+        preview, removed, dropped = asyncio.run(_with_conn(dsn, go, settings.statement_cache_size))
     # Events are not deleted row by row: a day of them goes as one partition once it is older
     # than both periods (schema 0015), so say what went, not "and their events".
     if args.dry_run:

@@ -10,7 +10,8 @@
 --     day partition covers yet, so a write never fails.
 --   event_partitions: a view of the partitions, their time ranges, rows (estimated) and size.
 --   apply_retention: no longer deletes events row by row; it drops the partitions older than
---     greatest(keep, keep_dead), so no kept notification loses its history.
+--     greatest(keep, keep_dead), so no kept notification loses its history; its batches of
+--     notifications walk the primary key instead of scanning the table for each batch.
 --   queue_status: counts per status through partial indexes (no scan of finished rows).
 -- Locks: ACCESS EXCLUSIVE on pgnotify.events for the whole migration: two sequential reads of
 -- the existing table (its newest created_at, then ATTACH's check of the range), no rewrite, no
@@ -245,22 +246,34 @@ COMMENT ON FUNCTION pgnotify.maintain_event_partitions IS
     'Create the day partitions of pgnotify.events for today and the next `ahead` days; with '
     '`keep`, drop the partitions older than it. The event_partitions job and retention call it.';
 
--- Retention: finished notifications still go in small committed batches; their events are no
--- longer deleted one by one but leave with their day's partition, once older than both periods.
+-- Retention: finished notifications still go in small committed batches, but each batch reads
+-- the next `batch` ids by the primary key instead of searching the whole table for due rows (a
+-- sequential scan per batch, over a month of rows at high volume); it stops at the first ids
+-- created after the shorter period, as nothing newer can be due. Their events are no longer
+-- deleted one by one: they leave with their day's partition once older than both periods.
 CREATE OR REPLACE PROCEDURE pgnotify.apply_retention(keep interval DEFAULT '30 days',
                                                      keep_dead interval DEFAULT '90 days',
                                                      batch integer DEFAULT 5000)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     removed integer;
+    after_id bigint := 0;
+    last_id bigint;
+    youngest_due timestamptz;
+    oldest timestamptz;
 BEGIN
     LOOP
+        youngest_due := now() - least(keep, keep_dead);
+        SELECT max(c.id), min(least(c.created_at, c.updated_at)) INTO last_id, oldest
+        FROM (SELECT id, created_at, updated_at FROM pgnotify.notifications
+              WHERE id > after_id ORDER BY id LIMIT batch) c;
+        EXIT WHEN last_id IS NULL OR oldest >= youngest_due;
         WITH doomed AS (
             SELECT id FROM pgnotify.notifications
-            WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
-                   AND updated_at < now() - keep)
-               OR (status IN ('dead', 'failed') AND updated_at < now() - keep_dead)
-            LIMIT batch
+            WHERE id > after_id AND id <= last_id
+              AND ((status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
+                    AND updated_at < now() - keep)
+                OR (status IN ('dead', 'failed') AND updated_at < now() - keep_dead))
             FOR UPDATE SKIP LOCKED
         ), inbox_gone AS (
             DELETE FROM pgnotify.inbox i USING doomed
@@ -269,8 +282,8 @@ BEGIN
         DELETE FROM pgnotify.notifications n USING doomed WHERE n.id = doomed.id;
         GET DIAGNOSTICS removed = ROW_COUNT;
         RAISE NOTICE 'pgnotify retention: % rows', removed;
+        after_id := last_id;
         COMMIT;  -- each batch its own transaction: no long locks, vacuum keeps up
-        EXIT WHEN removed < batch;
     END LOOP;
     -- a day of events goes when no row it may describe is kept any more
     PERFORM pgnotify.maintain_event_partitions(keep => greatest(keep, keep_dead));

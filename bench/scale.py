@@ -51,9 +51,11 @@ class Plan:
     large: int = 1_000_000
     window: int = 20_000
     day_events: int = 1_000_000
+    day_notifications: int = 200_000
+    days: int = 5
 
 
-SMOKE = Plan(1, 1_000, 20_000, 1_000, 20_000)
+SMOKE = Plan(1, 1_000, 20_000, 1_000, 20_000, 5_000, 3)
 
 # The events table as it was before schema 0015 (a plain table, the same indexes).
 PLAIN_EVENTS = """
@@ -179,7 +181,76 @@ async def retire_day(conn: asyncpg.Connection, rows: int, pg: list[int]) -> dict
     return {"drop": drop, "delete": delete, "vacuum": vacuum}
 
 
-async def bench(plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
+OLD_RETENTION = """
+CREATE PROCEDURE pgnotify.apply_retention_before_0015(keep interval, keep_dead interval,
+                                                      batch integer DEFAULT 5000)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    removed integer;
+BEGIN
+    LOOP
+        WITH doomed AS (
+            SELECT id FROM pgnotify.notifications
+            WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
+                   AND updated_at < now() - keep)
+               OR (status IN ('dead', 'failed') AND updated_at < now() - keep_dead)
+            LIMIT batch
+            FOR UPDATE SKIP LOCKED
+        ), inbox_gone AS (
+            DELETE FROM pgnotify.inbox i USING doomed
+            WHERE i.notification_id = doomed.id AND i.read_at IS NOT NULL
+        )
+        DELETE FROM pgnotify.notifications n USING doomed WHERE n.id = doomed.id;
+        GET DIAGNOSTICS removed = ROW_COUNT;
+        COMMIT;
+        EXIT WHEN removed < batch;
+    END LOOP;
+END
+$fn$
+"""
+
+
+async def retire_notifications(
+    conn: asyncpg.Connection, per_day: int, days: int, pg: list[int]
+) -> dict[str, Any]:
+    """The oldest of `days` days of sent notifications: retention before 0015 (each batch
+    searches the table) against now (each batch walks the primary key); the events are apart."""
+    total = per_day * days
+    fill = f"""
+        SET session_replication_role = replica;
+        INSERT INTO pgnotify.notifications
+            (channel, recipient, payload, priority, status, max_attempts, run_at, attempts,
+             sent_at, created_at, updated_at)
+        SELECT 'webhook', 'https://example.com/hook', '{{}}', 0, 'sent', 5, t, 1, t, t, t
+        FROM (SELECT now() - make_interval(secs => ({total} - g) * 86400.0 / {per_day}) AS t
+              FROM generate_series(1, {total}) g) s;
+        RESET session_replication_role;
+    """
+    keep = f"{days - 1} days"
+    await conn.execute(OLD_RETENTION)
+    out: dict[str, Any] = {}
+    for name, call in (
+        ("before", f"CALL pgnotify.apply_retention_before_0015('{keep}', '{keep}')"),
+        ("after", f"CALL pgnotify.apply_retention('{keep}', '{keep}')"),
+    ):
+        await conn.execute("TRUNCATE pgnotify.notifications")
+        await conn.execute(fill)
+        await conn.execute("VACUUM ANALYZE pgnotify.notifications")
+        await conn.execute("CHECKPOINT")
+        lsn0 = await conn.fetchval("SELECT pg_current_wal_lsn()")
+        cpu0, started = cpu_seconds(pg), time.monotonic()
+        await conn.execute(call)
+        seconds = time.monotonic() - started
+        cpu = cpu_seconds(pg) - cpu0
+        wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", lsn0)
+        left = await conn.fetchval("SELECT count(*) FROM pgnotify.notifications")
+        out[name] = (seconds, cpu, float(wal) / 2**20, total - left)
+    await conn.execute("DROP PROCEDURE pgnotify.apply_retention_before_0015")
+    await conn.execute("TRUNCATE pgnotify.notifications")
+    return out
+
+
+async def bench(plan: Plan, history_only: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     cluster = TempCluster(settings=DURABLE).start()
     sink_port, http_port = free_port(), free_port()
     sink = subprocess.Popen([sys.executable, "-m", "bench.sink", str(sink_port)])
@@ -209,6 +280,13 @@ async def bench(plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
             "PGNOTIFY_LOG_LEVEL": "WARNING",
             "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
         }
+        if history_only:
+            out["retire"] = await retire_day(conn, plan.day_events, postgres_pids(cluster))
+            out["retention"] = await retire_notifications(
+                conn, plan.day_notifications, plan.days, postgres_pids(cluster)
+            )
+            await conn.close()
+            return out, {**machine(), "postgresql": f"{version} (own throwaway cluster, fsync on)"}
         worker = subprocess.Popen(
             [sys.executable, "-m", "pgnotify_worker", "run"], env=env, stdout=subprocess.DEVNULL
         )
@@ -236,6 +314,9 @@ async def bench(plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
             out["status_small_ms"] = await queue_status_ms(conn, url, plan.small)
             out["status_large_ms"] = await queue_status_ms(conn, url, plan.large)
         out["retire"] = await retire_day(conn, plan.day_events, postgres_pids(cluster))
+        out["retention"] = await retire_notifications(
+            conn, plan.day_notifications, plan.days, postgres_pids(cluster)
+        )
         await conn.close()
     finally:
         for proc in (worker, sink):
@@ -253,29 +334,40 @@ def report(out: dict[str, Any], info: dict[str, str], plan: Plan) -> str:
     def med(key: str, field: str) -> float:
         return statistics.median(r[field] for r in out[key])
 
-    small, large = med("small", "per_second"), med("large", "per_second")
-    part, plain = med("partitioned", "pg_us"), med("plain", "pg_us")
-    drop, delete, vacuum = (out["retire"][k] for k in ("drop", "delete", "vacuum"))
     lines = [
         f"Machine: {info['cpu']}, {info.get('memory', '?')}; PostgreSQL {info['postgresql']}; "
         f"one worker, webhook concurrency 50; medians of {plan.runs} interleaved runs.",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| drain, {plan.small:,}-row backlog, notifications/s | {small:,.0f} |",
-        f"| drain, {plan.large:,}-row backlog (first {plan.window:,}), notifications/s "
-        f"| {large:,.0f} |",
-        f"| large / small | {large / small:.2f} |",
-        f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
-        f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
-        f"| queue_status, {plan.small:,} ready rows | {out['status_small_ms']:.1f} ms |",
-        f"| queue_status, {plan.large:,} ready rows | {out['status_large_ms']:.1f} ms |",
+    ]
+    if out["small"]:
+        small, large = med("small", "per_second"), med("large", "per_second")
+        part, plain = med("partitioned", "pg_us"), med("plain", "pg_us")
+        lines += [
+            f"| drain, {plan.small:,}-row backlog, notifications/s | {small:,.0f} |",
+            f"| drain, {plan.large:,}-row backlog (first {plan.window:,}), notifications/s "
+            f"| {large:,.0f} |",
+            f"| large / small | {large / small:.2f} |",
+            f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
+            f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
+            f"| queue_status, {plan.small:,} ready rows | {out['status_small_ms']:.1f} ms |",
+            f"| queue_status, {plan.large:,} ready rows | {out['status_large_ms']:.1f} ms |",
+        ]
+    drop, delete, vacuum = (out["retire"][k] for k in ("drop", "delete", "vacuum"))
+    before, after = out["retention"]["before"], out["retention"]["after"]
+    lines += [
         f"| retire a day of {plan.day_events:,} events: DROP TABLE partition "
         f"| {1000 * drop[0]:.1f} ms, {drop[2]:.2f} MB WAL, {drop[1]:.2f} s pg CPU |",
         f"| the same rows by batched DELETE (retention before 0015) "
         f"| {1000 * delete[0]:,.0f} ms, {delete[2]:,.1f} MB WAL, {delete[1]:.2f} s pg CPU |",
         f"| ... then VACUUM of the dead rows "
         f"| {1000 * vacuum[0]:,.0f} ms, {vacuum[2]:,.1f} MB WAL, {vacuum[1]:.2f} s pg CPU |",
+        f"| retire the oldest of {plan.days} days of {plan.day_notifications:,} notifications, "
+        f"retention before 0015 | {before[3]:,} rows, {1000 * before[0]:,.0f} ms, "
+        f"{before[2]:,.1f} MB WAL, {before[1]:.2f} s pg CPU |",
+        f"| the same with 0015's retention (primary-key batches) | {after[3]:,} rows, "
+        f"{1000 * after[0]:,.0f} ms, {after[2]:,.1f} MB WAL, {after[1]:.2f} s pg CPU |",
     ]
     return "\n".join(lines)
 
@@ -287,11 +379,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds; numbers not meaningful")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure")
     parser.add_argument("--save", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--history-only", action="store_true", help="only the retiring figures (no worker)"
+    )
     args = parser.parse_args()
     plan = SMOKE if args.smoke else Plan()
     if args.runs:
         plan.runs = args.runs
-    out, info = asyncio.run(bench(plan))
+    out, info = asyncio.run(bench(plan, args.history_only))
     table = report(out, info, plan)
     print(table)
     if args.save:

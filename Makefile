@@ -107,6 +107,7 @@ bench: $(DEV)  ## benchmarks (not tests): latency, throughput, pgbench beside us
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
+	$(BIN)/python -m bench.scale
 
 bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -114,6 +115,7 @@ bench-smoke: $(DEV)  ## seconds-long versions for CI; they never fail on a time
 	$(BIN)/python -m bench.chat --smoke
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
+	$(BIN)/python -m bench.scale --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

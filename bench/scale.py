@@ -75,12 +75,17 @@ ALTER TABLE pgnotify.events_partitioned RENAME TO events;
 
 
 async def fill(conn: asyncpg.Connection, url: str, rows: int) -> None:
-    """A backlog inserted in one statement, through the producers' triggers."""
+    """A backlog of ready rows, written the quick way (no per-row INSERT triggers: a million rows
+    through them take minutes on a shared machine); the caller wakes the worker."""
     await conn.execute(
-        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
-        "SELECT 'webhook', $1, jsonb_build_object('seq', g) FROM generate_series(1, $2) g",
-        url,
-        rows,
+        f"""
+        SET session_replication_role = replica;
+        INSERT INTO pgnotify.notifications
+            (channel, recipient, payload, priority, status, max_attempts, run_at)
+        SELECT 'webhook', '{url}', jsonb_build_object('seq', g), 0, 'queued', 5, now()
+        FROM generate_series(1, {int(rows)}) g;
+        RESET session_replication_role;
+        """
     )
 
 
@@ -96,15 +101,38 @@ async def drain(
     rows: int,
     window: int,
     pg: list[int],
+    http_port: int = 0,
 ) -> dict[str, float]:
-    """Insert `rows`, time the sink receiving the first `window` of them; postgres CPU/row."""
+    """Insert `rows`, time the sink receiving the first `window` of them; postgres CPU/row.
+    With `http_port`, also time the worker's /status and /metrics meanwhile."""
     url = f"http://127.0.0.1:{sink_port}/hook"
     await http.post(f"http://127.0.0.1:{sink_port}/reset")
+
+    async def pages() -> dict[str, float]:
+        timed: dict[str, float] = {}
+        for page in ("status", "metrics"):
+            times = []
+            for _ in range(3):
+                begun = time.monotonic()
+                async with http.get(f"http://127.0.0.1:{http_port}/{page}") as resp:
+                    await resp.read()
+                times.append(1000 * (time.monotonic() - begun))
+            timed[f"{page}_ms"] = statistics.median(times)
+        return timed
+
+    # the small run times the pages on an idle queue, the large one with its backlog waiting
+    timed = await pages() if http_port and rows <= window else {}
     await fill(conn, url, rows)
     await conn.execute("ANALYZE pgnotify.notifications")
+    if http_port and rows > window:
+        timed = await pages()
+    print(f"draining {rows:,} rows (timing {window:,} of them)", file=sys.stderr, flush=True)
+    base = await sink_count(http, sink_port)  # a poll may have started early: not counted
+    target = min(base + window, rows)
     cpu0, started = cpu_seconds(pg), time.monotonic()
+    await conn.execute("SELECT pg_notify('pgnotify', 'webhook')")  # as a producer's commit
     async with asyncio.timeout(900):
-        while await sink_count(http, sink_port) < window:
+        while await sink_count(http, sink_port) < target:
             await asyncio.sleep(0.05)
     seconds = time.monotonic() - started
     cpu = cpu_seconds(pg) - cpu0
@@ -116,13 +144,17 @@ async def drain(
         ):
             await asyncio.sleep(0.05)
     await clear(conn)
-    return {"per_second": window / seconds, "pg_us": 1e6 * cpu / max(got, 1)}
+    return {
+        "per_second": (target - base) / seconds,
+        "pg_us": 1e6 * cpu / max(got - base, 1),
+        **timed,
+    }
 
 
 async def queue_status_ms(conn: asyncpg.Connection, url: str, rows: int) -> float:
     await fill(conn, url, rows)
     await conn.execute("VACUUM ANALYZE pgnotify.notifications")
-    times = []
+    times: list[float] = []
     for _ in range(5):
         started = time.monotonic()
         await conn.fetch("SELECT * FROM pgnotify.queue_status")
@@ -295,8 +327,12 @@ async def bench(plan: Plan, history_only: bool = False) -> tuple[dict[str, Any],
         pg = postgres_pids(cluster)
         async with aiohttp.ClientSession() as http:
             for _ in range(plan.runs):
-                out["small"].append(await drain(conn, http, sink_port, plan.small, plan.small, pg))
-                out["large"].append(await drain(conn, http, sink_port, plan.large, plan.window, pg))
+                out["small"].append(
+                    await drain(conn, http, sink_port, plan.small, plan.small, pg, http_port)
+                )
+                out["large"].append(
+                    await drain(conn, http, sink_port, plan.large, plan.window, pg, http_port)
+                )
             # PostgreSQL CPU per notification: partitioned events (now) vs a plain table
             for _ in range(plan.runs):
                 for shape in ("partitioned", "plain"):
@@ -351,6 +387,10 @@ def report(out: dict[str, Any], info: dict[str, str], plan: Plan) -> str:
             f"| large / small | {large / small:.2f} |",
             f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
             f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
+            f"| GET /status, idle / {plan.large:,} rows waiting "
+            f"| {med('small', 'status_ms'):.0f} / {med('large', 'status_ms'):.0f} ms |",
+            f"| GET /metrics, idle / {plan.large:,} rows waiting "
+            f"| {med('small', 'metrics_ms'):.1f} / {med('large', 'metrics_ms'):.1f} ms |",
             f"| queue_status, {plan.small:,} ready rows | {out['status_small_ms']:.1f} ms |",
             f"| queue_status, {plan.large:,} ready rows | {out['status_large_ms']:.1f} ms |",
         ]

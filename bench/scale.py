@@ -385,6 +385,11 @@ def report(out: dict[str, Any], info: dict[str, str], plan: Plan) -> str:
             f"| drain, {plan.large:,}-row backlog (first {plan.window:,}), notifications/s "
             f"| {large:,.0f} |",
             f"| large / small | {large / small:.2f} |",
+            "| runs, small / large | "
+            + ", ".join(f"{r['per_second']:,.0f}" for r in out["small"])
+            + " / "
+            + ", ".join(f"{r['per_second']:,.0f}" for r in out["large"])
+            + " |",
             f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
             f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
             f"| GET /status, idle / {plan.large:,} rows waiting "

@@ -282,7 +282,9 @@ async def retire_notifications(
     return out
 
 
-async def bench(plan: Plan, history_only: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+async def bench(
+    plan: Plan, history_only: bool = False, drain_only: bool = False
+) -> tuple[dict[str, Any], dict[str, str]]:
     cluster = TempCluster(settings=DURABLE).start()
     sink_port, http_port = free_port(), free_port()
     sink = subprocess.Popen([sys.executable, "-m", "bench.sink", str(sink_port)])
@@ -334,7 +336,7 @@ async def bench(plan: Plan, history_only: bool = False) -> tuple[dict[str, Any],
                     await drain(conn, http, sink_port, plan.large, plan.window, pg, http_port)
                 )
             # PostgreSQL CPU per notification: partitioned events (now) vs a plain table
-            for _ in range(plan.runs):
+            for _ in range(0 if drain_only else plan.runs):
                 for shape in ("partitioned", "plain"):
                     if shape == "plain":
                         await conn.execute(PLAIN_EVENTS)
@@ -347,12 +349,14 @@ async def bench(plan: Plan, history_only: bool = False) -> tuple[dict[str, Any],
             worker.terminate()
             worker.wait(30)
             worker = None
-            out["status_small_ms"] = await queue_status_ms(conn, url, plan.small)
-            out["status_large_ms"] = await queue_status_ms(conn, url, plan.large)
-        out["retire"] = await retire_day(conn, plan.day_events, postgres_pids(cluster))
-        out["retention"] = await retire_notifications(
-            conn, plan.day_notifications, plan.days, postgres_pids(cluster)
-        )
+            if not drain_only:
+                out["status_small_ms"] = await queue_status_ms(conn, url, plan.small)
+                out["status_large_ms"] = await queue_status_ms(conn, url, plan.large)
+        if not drain_only:
+            out["retire"] = await retire_day(conn, plan.day_events, postgres_pids(cluster))
+            out["retention"] = await retire_notifications(
+                conn, plan.day_notifications, plan.days, postgres_pids(cluster)
+            )
         await conn.close()
     finally:
         for proc in (worker, sink):
@@ -379,7 +383,6 @@ def report(out: dict[str, Any], info: dict[str, str], plan: Plan) -> str:
     ]
     if out["small"]:
         small, large = med("small", "per_second"), med("large", "per_second")
-        part, plain = med("partitioned", "pg_us"), med("plain", "pg_us")
         lines += [
             f"| drain, {plan.small:,}-row backlog, notifications/s | {small:,.0f} |",
             f"| drain, {plan.large:,}-row backlog (first {plan.window:,}), notifications/s "
@@ -390,15 +393,24 @@ def report(out: dict[str, Any], info: dict[str, str], plan: Plan) -> str:
             + " / "
             + ", ".join(f"{r['per_second']:,.0f}" for r in out["large"])
             + " |",
-            f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
-            f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
             f"| GET /status, idle / {plan.large:,} rows waiting "
             f"| {med('small', 'status_ms'):.0f} / {med('large', 'status_ms'):.0f} ms |",
             f"| GET /metrics, idle / {plan.large:,} rows waiting "
             f"| {med('small', 'metrics_ms'):.1f} / {med('large', 'metrics_ms'):.1f} ms |",
+        ]
+    if out["partitioned"]:
+        part, plain = med("partitioned", "pg_us"), med("plain", "pg_us")
+        lines += [
+            f"| PostgreSQL CPU per notification, events partitioned (0015) | {part:.0f} µs |",
+            f"| PostgreSQL CPU per notification, events a plain table (before) | {plain:.0f} µs |",
+        ]
+    if "status_small_ms" in out:
+        lines += [
             f"| queue_status, {plan.small:,} ready rows | {out['status_small_ms']:.1f} ms |",
             f"| queue_status, {plan.large:,} ready rows | {out['status_large_ms']:.1f} ms |",
         ]
+    if "retire" not in out:
+        return "\n".join(lines)
     drop, delete, vacuum = (out["retire"][k] for k in ("drop", "delete", "vacuum"))
     before, after = out["retention"]["before"], out["retention"]["after"]
     lines += [
@@ -427,11 +439,12 @@ def main() -> None:
     parser.add_argument(
         "--history-only", action="store_true", help="only the retiring figures (no worker)"
     )
+    parser.add_argument("--drain-only", action="store_true", help="only the drain rates")
     args = parser.parse_args()
     plan = SMOKE if args.smoke else Plan()
     if args.runs:
         plan.runs = args.runs
-    out, info = asyncio.run(bench(plan, args.history_only))
+    out, info = asyncio.run(bench(plan, args.history_only, args.drain_only))
     table = report(out, info, plan)
     print(table)
     if args.save:

@@ -128,6 +128,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.topics
 	$(BIN)/python -m bench.console
 	$(BIN)/python -m bench.batch
+	$(BIN)/python -m bench.scale
 
 bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us too); they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -142,6 +143,7 @@ bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us
 	$(BIN)/python -m bench.topics --smoke
 	$(BIN)/python -m bench.console --smoke
 	$(BIN)/python -m bench.batch --smoke
+	$(BIN)/python -m bench.scale --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -73,7 +73,7 @@ async def test_show_replay_and_purge(dsn: str, conn: asyncpg.Connection) -> None
     assert await conn.fetchval(statuses, old) == "sent"
     code, out, err = await acli("purge", env=env)
     assert code == 0, err
-    assert out.strip() == "deleted 1 notification(s) and their events"
+    assert out.strip() == "deleted 1 notification(s)"
     assert await conn.fetchval(statuses, old) is None
     assert await conn.fetchval(statuses, failed) == "failed"  # failed rows are kept 90 days
 

@@ -266,7 +266,8 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 
 # provider_event: an inbound delivery report (delivered, bounced...) becomes an event of the
 # notification it is about, found by our id $2 or the provider's message id $3; a report seen
-# before (same provider $1 and external id $8) is not stored twice. Returns channel, recipient.
+# before (same provider $1 and external id $8, in any day's partition; a race within one day
+# meets that partition's unique index) is not stored twice. Returns channel, recipient.
 PROVIDER_EVENT = """
 WITH target AS (
     (SELECT id, channel, recipient, attempts FROM pgnotify.notifications WHERE id = $2)
@@ -278,7 +279,9 @@ WITH target AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, provider, error_code, error,
                                  detail, external_id)
     SELECT id, $4, attempts, $1, $5, $6, $7, $8 FROM target
-    ON CONFLICT (provider, external_id) WHERE external_id IS NOT NULL DO NOTHING
+    WHERE $8::text IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pgnotify.events e WHERE e.provider = $1 AND e.external_id = $8)
+    ON CONFLICT DO NOTHING
     RETURNING notification_id
 )
 SELECT target.id, target.channel, target.recipient, (SELECT count(*) FROM stored) AS stored
@@ -415,11 +418,19 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND usename IS NO
   AND coalesce(backend_type, 'client backend') = 'client backend'
 """
 
-# queue_dead_tuples: dead row versions in the queue tables (a pinned snapshot keeps them).
+# queue_dead_tuples: dead row versions in the queue tables (a pinned snapshot keeps them); the
+# events' are the sum over its day partitions.
 QUEUE_DEAD_TUPLES = """
-SELECT relname AS "table", n_dead_tup AS dead
-FROM pg_stat_user_tables
-WHERE schemaname = 'pgnotify' AND relname IN ('notifications', 'events')
+SELECT CASE WHEN s.relname = 'notifications' THEN 'notifications' ELSE 'events' END AS "table",
+       sum(s.n_dead_tup)::bigint AS dead
+FROM pg_stat_user_tables s
+WHERE s.schemaname = 'pgnotify'
+  AND (s.relname = 'notifications'
+       OR s.relid IN (SELECT i.inhrelid FROM pg_inherits i
+                      JOIN pg_class p ON p.oid = i.inhparent
+                      JOIN pg_namespace ns ON ns.oid = p.relnamespace
+                      WHERE ns.nspname = 'pgnotify' AND p.relname = 'events'))
+GROUP BY 1
 """
 
 # destinations: origin, disabled?, reason of every destination recorded as failing or disabled.
@@ -554,7 +565,8 @@ WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
 GROUP BY status ORDER BY status
 """
 
-# purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count).
+# purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count,
+# then one per dropped day partition of events).
 PURGE = "CALL pgnotify.apply_retention(keep => $1, keep_dead => $2)"
 
 # mark_real: a worker with a real provider serves channels $1 now (dev sinks leave older rows).
@@ -590,7 +602,7 @@ SET sendable = excluded.sendable, seen_at = excluded.seen_at, valid_until = excl
 # The list filters, the same in each console_list/bulk statement: status $1, channel $2,
 # category $3, q $4 (a recipient or a user id) or q as an id $5; NULL = any. Run with custom plans
 # (CONSOLE_CUSTOM_PLANS) so a NULL filter folds away and each filter becomes an index scan
-# (schema 0015's indexes).
+# (schema 0020's indexes).
 
 # console_custom_plans: plan each console statement for its parameters (NULL filters fold away).
 CONSOLE_CUSTOM_PLANS = "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"

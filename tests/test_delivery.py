@@ -69,7 +69,14 @@ async def test_webhook_is_delivered_signed_and_recorded(
     async with running(worker_settings()) as service:
         (request,) = await webhook_sink.wait_for(1)
         rows = await wait_rows(conn, [nid], DONE, service)
-        metrics = await (await _get(service, "/metrics")).text()
+        # the worker counts an outcome just after writing it back: wait (bounded) for the count
+        sent = 'pgnotify_notifications_total{channel="webhook",outcome="sent",provider="webhook"}'
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            metrics = await (await _get(service, "/metrics")).text()
+            if sent in metrics or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
 
     row = rows[0]
     assert row["status"] == "sent"

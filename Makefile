@@ -123,6 +123,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.workflows
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.producers
+	$(BIN)/python -m bench.producer_costs
 	$(BIN)/python -m bench.inbox
 	$(BIN)/python -m bench.status_notify
 	$(BIN)/python -m bench.topics
@@ -138,6 +139,7 @@ bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us
 	$(BIN)/python -m bench.workflows --smoke
 	$(BIN)/python -m bench.isolation --smoke
 	$(BIN)/python -m bench.producers --smoke
+	$(BIN)/python -m bench.producer_costs --smoke
 	$(BIN)/python -m bench.inbox --smoke
 	$(BIN)/python -m bench.status_notify --smoke
 	$(BIN)/python -m bench.topics --smoke

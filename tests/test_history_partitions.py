@@ -40,7 +40,8 @@ async def test_events_written_before_the_migration_are_still_read_after_it(
         )
         old_ids = [r["id"] for r in await conn.fetch("SELECT id FROM pgnotify.events ORDER BY id")]
 
-        assert await migrate.migrate(conn) == [21]
+        later = [m.version for m in migrate.load_migrations() if m.version >= 21]
+        assert await migrate.migrate(conn) == later and later[0] == 21
 
         relkind = "SELECT relkind::text FROM pg_class WHERE oid = 'pgnotify.events'::regclass"
         assert await conn.fetchval(relkind) == "p"

@@ -28,6 +28,19 @@ def _split(value: Any) -> Any:
     return value
 
 
+def _number_pairs(value: Any, key: str) -> Any:
+    """'a=1, b=2' as {'a': 1, 'b': 2} (a mapping given as such passes through)."""
+    if not isinstance(value, str):
+        return value
+    pairs: dict[str, int] = {}
+    for item in _split(value):
+        name, sep, number = item.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise ValueError(f"{item!r} is not {key}=number")
+        pairs[name.strip()] = int(number)
+    return pairs
+
+
 class CoreSettings(BaseSettings):
     """The settings every part shares; each provider module adds its own (see Settings below).
     The README table is generated from these descriptions."""
@@ -386,15 +399,7 @@ class CoreSettings(BaseSettings):
     @field_validator("channel_concurrency", mode="before")
     @classmethod
     def _parse_pairs(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        pairs: dict[str, int] = {}
-        for item in _split(value):
-            name, sep, number = item.partition("=")
-            if not sep or not number.strip().isdigit():
-                raise ValueError(f"{item!r} is not channel=number")
-            pairs[name.strip()] = int(number)
-        return pairs
+        return _number_pairs(value, "channel")
 
     @field_validator("channel_concurrency")
     @classmethod
@@ -419,15 +424,7 @@ class CoreSettings(BaseSettings):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _parse_sizes(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        pairs: dict[str, int] = {}
-        for item in _split(value):
-            name, sep, number = item.partition("=")
-            if not sep or not number.strip().isdigit():
-                raise ValueError(f"{item!r} is not provider=number")
-            pairs[name.strip()] = int(number)
-        return pairs
+        return _number_pairs(value, "provider")
 
     @field_validator("batch_size")
     @classmethod
@@ -435,7 +432,7 @@ class CoreSettings(BaseSettings):
         for name, number in value.items():
             if name not in BATCH_LIMITS:
                 raise ValueError(
-                    f"{name!r} cannot batch; batching providers: resend, sendgrid, inapp"
+                    f"{name!r} cannot batch; batching providers: {', '.join(BATCH_LIMITS)}"
                 )
             if not 1 <= number <= BATCH_LIMITS[name]:
                 raise ValueError(f"{name}: a batch holds 1 to {BATCH_LIMITS[name]} messages")

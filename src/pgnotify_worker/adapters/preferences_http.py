@@ -16,9 +16,7 @@ PGNOTIFY_APP_CORS_ORIGINS. Answers 404 while PGNOTIFY_APP_TOKEN_SECRET is unset.
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import html
 import json
 import logging
@@ -32,6 +30,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from pgnotify_worker.adapters.db import DB_ERRORS, QueueStore
+from pgnotify_worker.adapters.unsubscribe_http import security_headers
 from pgnotify_worker.core import app_tokens
 from pgnotify_worker.core.preference_links import LinkInvalid, csrf_ok, make_csrf, read_token
 from pgnotify_worker.errors import AppTokenError, PreferenceRejected
@@ -59,17 +58,7 @@ STYLE = (
     ".ok{background:#e7f6e7;padding:.5rem 1rem}.err{background:#fde8e8;padding:.5rem 1rem}"
     "button{font:inherit;padding:.5rem 1.25rem;cursor:pointer}"
 )
-STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",  # the token is in the URL
-    "X-Content-Type-Options": "nosniff",
-}
+SECURITY_HEADERS = security_headers(STYLE)
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <meta name="robots" content="noindex"><title>{title}</title><style>{style}</style>

@@ -27,19 +27,26 @@ STYLE = (
     "body{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem}"
     "button{font:inherit;padding:.5rem 1.25rem;cursor:pointer}"
 )
-STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 
-# No script, no outside resource, the style by hash, the form only to this origin, never framed.
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",  # the token is in the URL
-    "X-Content-Type-Options": "nosniff",
-}
+
+def security_headers(style: str) -> dict[str, str]:
+    """Headers of a page served from a link carrying a token: no script, no outside resource,
+    its only style allowed by hash, forms only to this origin, never framed, never cached, no
+    Referer (the token is in the URL). The preference centre's pages use them too."""
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; style-src 'sha256-{digest}'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'"
+        ),
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-store",
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+SECURITY_HEADERS = security_headers(STYLE)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">

@@ -31,15 +31,12 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from pgnotify_worker.core.preferences import Send
-from pgnotify_worker.core.state import decision_resolution, resolve
-from pgnotify_worker.delivery.dispatcher import Delivery, Dispatcher, empty_body
+from pgnotify_worker.delivery.dispatcher import Delivery, Dispatcher
 from pgnotify_worker.delivery.failover import ProviderSlot
-from pgnotify_worker.errors import StoreError, TemplateError
+from pgnotify_worker.errors import StoreError
 from pgnotify_worker.models import (
     Notification,
     Outcome,
-    Permanent,
     RenderedMessage,
     Retryable,
     Sent,
@@ -199,52 +196,18 @@ class BatchSender:
         return max(1, min(wanted, provider.batch_limit))
 
     async def _compose(self, n: Notification) -> _Ready | Delivery:
-        """Decide and render one row as Dispatcher._deliver does: the message to send, or the
-        row's Delivery when it is not to be sent (preferences, expiry, a template error)."""
-        d = self.dispatcher
+        """Decide and render one row as the single-row path does (Dispatcher.compose)."""
         started = time.perf_counter()
-        try:
-            verdict = await d.decision(n)
-        except StoreError:
-            unavailable = Retryable(
-                "database", "preference lookup failed: database unavailable", tried=False
-            )
-            resolution = resolve(unavailable, n.attempt, n.max_attempts, d.policy, d.rand())
-            return d._delivery(n, resolution, "none", started, None, None)
-        early = decision_resolution(verdict)
-        if early is not None:
-            d._log(n, early, "none", time.perf_counter() - started)
-            return d._delivery(n, early, "none", started, None, None)
-        outcome: Outcome
-        try:
-            message, version = await d.render(n, isinstance(verdict, Send) and verdict.critical)
-            empty = empty_body(message)
-            if empty is not None:
-                raise TemplateError("empty_body", empty)
-        except TemplateError as exc:
-            outcome = Permanent(exc.code, exc.message)
-        except StoreError:
-            outcome = Retryable(
-                "database", "template lookup failed: database unavailable", tried=False
-            )
-        else:
-            return _Ready(n, message, version, started)
-        return self._resolved(n, outcome, "none", started, None)
-
-    def _resolved(
-        self, n: Notification, outcome: Outcome, provider: str, started: float, version: int | None
-    ) -> Delivery:
-        d = self.dispatcher
-        elapsed = time.perf_counter() - started
-        d.observe_send(n.channel, provider, elapsed)
-        resolution = resolve(outcome, n.attempt, n.max_attempts, d.policy, d.rand())
-        d._log(n, resolution, provider, elapsed)
-        return d._delivery(n, resolution, provider, started, version, outcome)
+        prepared = await self.dispatcher.compose(n, started)
+        if isinstance(prepared, Delivery):
+            return prepared
+        message, version = prepared
+        return _Ready(n, message, version, started)
 
     async def _finish(self, item: _Ready, outcome: Outcome, provider: str) -> Delivery:
         n = item.n
         await self.dispatcher._after_send(n, n.channel, n.recipient, outcome, provider)
-        return self._resolved(n, outcome, provider, item.started, item.version)
+        return self.dispatcher.resolved(n, outcome, provider, item.started, item.version)
 
     # --- one request ------------------------------------------------------------------------------
 

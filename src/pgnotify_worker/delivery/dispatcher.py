@@ -362,8 +362,12 @@ class Dispatcher:
             self.failover.settled(n.id)
         return delivery
 
-    async def _deliver(self, n: Notification) -> Delivery:
-        started = time.perf_counter()
+    async def compose(
+        self, n: Notification, started: float
+    ) -> tuple[RenderedMessage, int | None] | Delivery:
+        """Decide and render one row: the message to send with its template version, or the
+        row's Delivery when it is not to be sent (preferences, expiry, a template error, the
+        database unavailable). The single-row and the batch paths both start here."""
         try:
             verdict = await self.decision(n)
         except StoreError:
@@ -376,8 +380,6 @@ class Dispatcher:
         if early is not None:
             self._log(n, early, "none", time.perf_counter() - started)
             return self._delivery(n, early, "none", started, None, None)
-        provider_name = "none"
-        version = None
         outcome: Outcome
         try:
             message, version = await self.render(n, isinstance(verdict, Send) and verdict.critical)
@@ -391,21 +393,38 @@ class Dispatcher:
                 "database", "template lookup failed: database unavailable", tried=False
             )
         else:
-            if n.channel == "push" and n.recipient.startswith("user:") and self.store is not None:
-                try:
-                    outcome, provider_name = await self._fan_out(n, message)
-                except StoreError:
-                    outcome = Retryable(
-                        "database", "device lookup failed: database unavailable", tried=False
-                    )
-            else:
-                outcome, provider_name = await self.send_chain(n.channel, message)
-                await self._after_send(n, n.channel, n.recipient, outcome, provider_name)
+            return message, version
+        return self.resolved(n, outcome, "none", started, None)
+
+    def resolved(
+        self, n: Notification, outcome: Outcome, provider: str, started: float, version: int | None
+    ) -> Delivery:
+        """The row's Delivery for a send's outcome (observed, resolved, logged)."""
         elapsed = time.perf_counter() - started
-        self.observe_send(n.channel, provider_name, elapsed)
+        self.observe_send(n.channel, provider, elapsed)
         resolution = resolve(outcome, n.attempt, n.max_attempts, self.policy, self.rand())
-        self._log(n, resolution, provider_name, elapsed)
-        return self._delivery(n, resolution, provider_name, started, version, outcome)
+        self._log(n, resolution, provider, elapsed)
+        return self._delivery(n, resolution, provider, started, version, outcome)
+
+    async def _deliver(self, n: Notification) -> Delivery:
+        started = time.perf_counter()
+        prepared = await self.compose(n, started)
+        if isinstance(prepared, Delivery):
+            return prepared
+        message, version = prepared
+        provider_name = "none"
+        outcome: Outcome
+        if n.channel == "push" and n.recipient.startswith("user:") and self.store is not None:
+            try:
+                outcome, provider_name = await self._fan_out(n, message)
+            except StoreError:
+                outcome = Retryable(
+                    "database", "device lookup failed: database unavailable", tried=False
+                )
+        else:
+            outcome, provider_name = await self.send_chain(n.channel, message)
+            await self._after_send(n, n.channel, n.recipient, outcome, provider_name)
+        return self.resolved(n, outcome, provider_name, started, version)
 
     def _delivery(
         self,

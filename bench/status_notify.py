@@ -27,7 +27,7 @@ from bench.run import DURABLE, SECRET, Plan, machine, measure_drain, postgres_pi
 from pgnotify_worker.adapters import migrate
 from tests.support.pgcluster import TempCluster, free_port
 
-TRIGGER = "notifications_status_changed"
+TRIGGER = "notifications_statuses_changed"  # schema 0023 (a statement trigger)
 
 
 async def run(rounds: int, rows: int, concurrency: int) -> tuple[dict[str, list[float]], int]:

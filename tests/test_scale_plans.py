@@ -33,6 +33,29 @@ async def explain(
     return list(nodes(doc[0]["Plan"]))
 
 
+CLAIM_FUNCTION = "pgnotify.claim(text, integer, text, double precision, timestamptz)"
+CLAIM_ARGUMENTS = {  # the function's parameters, as the statement PL/pgSQL prepares sees them
+    "p_channel": "$1::text",
+    "p_limit": "$2::integer",
+    "p_worker": "$3::text",
+    "p_lease_seconds": "$4::float8",
+    "p_since": "$5::timestamptz",
+}
+
+
+async def claim_statement(conn: asyncpg.Connection) -> str:
+    """The query pgnotify.claim() runs (schema 0023), with its parameters as $n: what the worker's
+    claim executes, to explain it. The function pins its plan to the generic one, checked too."""
+    source, config = await conn.fetchrow(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE oid = $1::regprocedure", CLAIM_FUNCTION
+    )
+    assert "plan_cache_mode=force_generic_plan" in config
+    body = source.split("RETURN QUERY", 1)[1].rsplit(";", 1)[0]
+    for name in sorted(CLAIM_ARGUMENTS, key=len, reverse=True):
+        body = body.replace(name, CLAIM_ARGUMENTS[name])
+    return body
+
+
 def seq_scans_of_notifications(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         n
@@ -75,28 +98,29 @@ async def test_a_million_ready_rows_claim_by_index_and_count_without_history(
     big: asyncpg.Connection,
 ) -> None:
     args = ("webhook", 50, "w1", 30.0, None)
-    plan = await explain(big, queries.CLAIM, *args)
+    claim = await claim_statement(big)
+    plan = await explain(big, claim, *args)
     assert not seq_scans_of_notifications(plan), plan
     scans = [
         n for n in plan if n.get("Relation Name") == "notifications" and "Index" in n["Node Type"]
     ]
     assert any(n.get("Index Name") == "notifications_ready_idx" for n in scans), plan
-    # the plan a prepared statement switches to after five runs, too
+    # the plan the function makes once per session and keeps (generic: its parameters unknown)
     await big.execute("SET plan_cache_mode = force_generic_plan")
-    generic = await explain(big, queries.CLAIM, *args)
+    generic = await explain(big, claim, *args)
     await big.execute("RESET plan_cache_mode")
     assert not seq_scans_of_notifications(generic), generic
     # and run for real (then rolled back): the ready index yields about the batch, not the backlog
     tx = big.transaction()
     await tx.start()
     try:
-        ran = await explain(big, queries.CLAIM, *args, analyze=True)
+        ran = await explain(big, claim, *args, analyze=True)
     finally:
         await tx.rollback()
     ready_scan = [n for n in ran if n.get("Index Name") == "notifications_ready_idx"]
     assert ready_scan and all(n["Actual Rows"] <= 60 for n in ready_scan), ready_scan
     # the email channel's claim skips the million webhook rows
-    email = await explain(big, queries.CLAIM, "email", 50, "w1", 30.0, None)
+    email = await explain(big, claim, "email", 50, "w1", 30.0, None)
     assert not seq_scans_of_notifications(email)
 
     # /status and the queue gauges (one table built for both checks: it takes a while)
@@ -119,3 +143,30 @@ async def test_a_million_ready_rows_claim_by_index_and_count_without_history(
     # It counts the ready rows through their index (~0.1 s per million here); far from the
     # five seconds /status allows it, however many finished rows the table holds.
     assert elapsed < 3.0, elapsed
+
+
+async def test_the_claims_kept_plan_never_reads_the_whole_table_of_a_small_queue(
+    conn: asyncpg.Connection,
+) -> None:
+    # The generic plan is the one pgnotify.claim() keeps for the session. The claim before 0023
+    # joined its batch to the table, and at this size that generic plan hashed a sequential scan
+    # of every row for each claim; through the primary key it is two index scans at any size.
+    await conn.execute(
+        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
+        "SELECT 'webhook', 'https://example.com/hook', '{}' FROM generate_series(1, 20000)"
+    )
+    await conn.execute("VACUUM ANALYZE pgnotify.notifications")
+    claim = await claim_statement(conn)
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    plan = await explain(conn, claim, "webhook", 25, "w1", 30.0, None)
+    assert not seq_scans_of_notifications(plan), plan
+    assert {"notifications_ready_idx", "notifications_pkey"} <= {n.get("Index Name") for n in plan}
+    await conn.execute("RESET plan_cache_mode")
+    # and the worker's statement claims through it: 25 rows, in claim order, leased
+    rows = await conn.fetch(queries.CLAIM, "webhook", 25, "w1", 30.0, None)
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows) and len(rows) == 25
+    leased = await conn.fetchval(
+        "SELECT count(*) FROM pgnotify.notifications WHERE status = 'processing' "
+        "AND locked_by = 'w1' AND locked_until > now() AND attempts = 1"
+    )
+    assert leased == 25

@@ -131,6 +131,25 @@ async def test_an_update_that_keeps_the_status_notifies_nothing(
     await statuses.until(nid, ["dead"])  # the priority change said nothing before it
 
 
+async def test_one_statement_announces_each_row_whose_status_it_changed(
+    conn: asyncpg.Connection, statuses: Statuses
+) -> None:
+    # the announcement is made once per statement (schema 0023) but still names every row
+    ids = [await enqueue_webhook(conn, "https://hooks.example.com/x") for _ in range(3)]
+    await conn.execute("UPDATE pgnotify.notifications SET status = 'dead' WHERE id = $1", ids[0])
+    await statuses.until(ids[0], ["dead"])
+    await conn.execute(  # ids[0] is already dead: its status does not change, so no NOTIFY
+        "UPDATE pgnotify.notifications SET status = 'dead', priority = 2 WHERE id = ANY($1)", ids
+    )
+    await statuses.until(ids[2], ["dead"])
+    await statuses.until(ids[1], ["dead"])
+    await conn.execute(
+        "UPDATE pgnotify.notifications SET status = 'cancelled' WHERE id = $1", ids[0]
+    )
+    await statuses.until(ids[0], ["dead", "cancelled"])  # nothing came between for ids[0]
+    assert statuses.of(ids[1]) == ["dead"] and statuses.of(ids[2]) == ["dead"]
+
+
 async def test_a_provider_report_is_notified_with_the_rows_status(
     conn: asyncpg.Connection, statuses: Statuses
 ) -> None:

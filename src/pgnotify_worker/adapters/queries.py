@@ -10,31 +10,12 @@ from __future__ import annotations
 # Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
 # driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
 # instead of failing the whole batch. A paused channel (pgnotify.pause_channel) gives nothing.
+# The statement is the function pgnotify.claim() (schema 0023), so it is planned once per session.
 CLAIM = """
-WITH ready AS (
-    SELECT id FROM pgnotify.notifications
-    WHERE status = 'queued' AND channel = $1 AND run_at <= now()
-      AND ($5::timestamptz IS NULL OR created_at > $5)
-      AND NOT EXISTS (SELECT 1 FROM pgnotify.paused_channels p WHERE p.channel = $1)
-    ORDER BY priority DESC, run_at, id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE pgnotify.notifications n
-    SET status = 'processing', attempts = n.attempts + 1, locked_by = $3,
-        locked_until = now() + make_interval(secs => $4), updated_at = now()
-    FROM ready WHERE n.id = ready.id
-    RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
-           n.template, n.subject, n.body, n.html_body, n.locale, n.payload::text AS payload,
-           n.priority, n.attempts, n.max_attempts,
-           extract(epoch FROM n.created_at)::float8 AS created_at, n.run_at,
-           extract(epoch FROM n.expires_at)::float8 AS expires_at, n.digest_of, n.traceparent
-)
-SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body,
-       locale, payload, priority, attempts, max_attempts, created_at, expires_at, digest_of,
-       traceparent, now() AS claimed_at
-FROM claimed
-ORDER BY priority DESC, run_at, id
+SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body, locale,
+       payload, priority, attempts, max_attempts, created_at, expires_at, digest_of, traceparent,
+       claimed_at
+FROM pgnotify.claim($1, $2, $3, $4, $5)
 """
 
 # complete: write many outcomes in one statement, each only while worker $1 still holds that

@@ -542,6 +542,7 @@ class Worker:
             try:
                 self.metrics.queue(await self.store.queue_status())
                 self.metrics.database(await self.store.database_health())
+                self.metrics.workflows(await self.store.workflow_status())
                 interval = self.config.queue_metrics_interval  # valid for two refreshes:
                 await self.store.channel_health(self.dispatcher.sendable(), 2 * interval)
             except Exception as exc:  # a loop outlives any failure

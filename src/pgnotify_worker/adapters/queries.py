@@ -1113,8 +1113,8 @@ SELECT count(*) FILTER (WHERE r.next_at <= now()) AS due,
        count(*) FILTER (WHERE r.next_at > now() AND r.waiting_on IS DISTINCT FROM 'send')
            AS delayed,
        count(*) FILTER (WHERE r.next_at > now() AND r.waiting_on = 'send') AS waiting_send,
-       coalesce(extract(epoch FROM now() - min(r.next_at)) FILTER (WHERE r.next_at <= now()), 0)
-           ::float8 AS oldest_overdue_seconds,
+       coalesce(extract(epoch FROM now() - min(r.next_at) FILTER (WHERE r.next_at <= now())),
+                0)::float8 AS oldest_overdue_seconds,
        (SELECT count(*) FROM pgnotify.batches b WHERE b.closed_at IS NULL) AS batch_windows_open
 FROM pgnotify.workflow_runs r
 WHERE r.status = 'running'

@@ -542,9 +542,12 @@ class Worker:
             try:
                 self.metrics.queue(await self.store.queue_status())
                 self.metrics.database(await self.store.database_health())
-                self.metrics.workflows(await self.store.workflow_status())
                 interval = self.config.queue_metrics_interval  # valid for two refreshes:
                 await self.store.channel_health(self.dispatcher.sendable(), 2 * interval)
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
+            try:
+                self.metrics.workflows(await self.store.workflow_status())
+            except Exception as exc:
+                self._db_failed("workflow_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

@@ -19,6 +19,7 @@ from pgnotify_worker.adapters import db as dbmod
 from pgnotify_worker.adapters import queries
 from pgnotify_worker.adapters.workflow_runner import WorkflowRunner
 from pgnotify_worker.config import Settings
+from tests.support.cli import cli
 from tests.support.db import wait_rows
 from tests.support.roles import LoginAs
 from tests.support.worker import running
@@ -275,12 +276,17 @@ async def test_retention_deletes_old_finished_runs_and_keeps_referenced_ones(
     deleted = [int(n.rsplit(" ", 1)[1]) for n in notices if "workflow runs deleted" in n]
     assert sum(deleted) == 3 and all(d <= 2 for d in deleted), notices
 
-    # once its notification is past retention too, the run goes in the same call
+    # once its notification is past retention too, the run goes in the same call (the CLI's)
     await conn.execute(
         "UPDATE pgnotify.notifications SET updated_at = now() - interval '100 days' WHERE id = $1",
         made,
     )
-    await conn.execute("CALL pgnotify.apply_retention()")
+    result = await asyncio.to_thread(cli, "purge", env={"PGNOTIFY_DATABASE_URL": dsn}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "deleted 1 notification(s)",
+        "deleted 1 finished workflow run(s)",
+    ]
     left = {r["id"] for r in await conn.fetch("SELECT id FROM pgnotify.workflow_runs")}
     assert left == {runs[n] for n in ("old_failed", "recent_done", "old_running")}
 

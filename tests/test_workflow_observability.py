@@ -23,6 +23,7 @@ from tests.support.cli import cli
 from tests.support.db import wait_rows
 from tests.support.roles import LoginAs
 from tests.support.worker import running
+from tests.test_console import ADMIN, VIEWER, client, log_in
 from tests.test_scale_plans import explain
 from tests.test_throttle import send_four
 from tests.test_workflows import contact, define, settle, trigger
@@ -158,13 +159,23 @@ async def test_without_a_runner_the_overdue_run_shows_its_age(
     def seen(text: str) -> bool:
         return (sample(text, "pgnotify_workflow_oldest_overdue_seconds") or 0) >= 3600
 
-    async with (
-        running(worker_settings(workflows=False, queue_metrics_interval=0.2)) as service,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-    ):
+    settings = worker_settings(
+        workflows=False,
+        queue_metrics_interval=0.2,
+        console_admin_password=ADMIN,
+        console_viewer_password=VIEWER,
+    )
+    async with running(settings) as service, client() as http:
         base = f"http://127.0.0.1:{service.http_port}"
         text = await scrape_until(http, base + "/metrics", seen)
         status = await (await http.get(base + "/status")).json()
+        assert (await log_in(http, base, VIEWER)).status == 303
+        async with http.get(base + "/console/?fragment=1") as page:
+            overview = await page.text()
+    # the console's overview has the same figures
+    shown = dict(re.findall(r'<td class="n[^"]*" data-count="(\w+)">([^<]*)</td>', overview))
+    assert shown["due"] == "2" and shown["delayed"] == "0" and shown["waiting_send"] == "0"
+    assert shown["oldest_overdue"] == "60 min" and shown["batch_windows_open"] == "1"
 
     overdue = sample(text, "pgnotify_workflow_oldest_overdue_seconds")
     assert overdue is not None and 3600 <= overdue < 3660

@@ -89,16 +89,16 @@ class WorkflowRunner:
         done = self._done[id(conn)]
         runs: list[asyncpg.Record] = await conn.fetch(queries.WF_CLAIM, at, limit or self.batch)
         for run in runs:
-            kept = len(done)
             if run["evaluations"] == 0:
                 done.append(("started", ""))
+            kept = len(done)
             try:
                 async with conn.transaction():  # a savepoint: a run that breaks fails alone
                     await self._evaluate(conn, run)
             except DB_ERRORS:
                 raise  # the database or the connection: the whole batch is tried again
             except Exception as exc:  # a bug: never evaluate this run again and again
-                del done[kept + (run["evaluations"] == 0) :]  # its savepoint rolled back
+                del done[kept:]  # its savepoint was rolled back
                 log.exception(
                     "workflow run %s cannot be evaluated",
                     run["id"],

@@ -493,6 +493,7 @@ def _days(text: str) -> dt.timedelta:
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     keep, keep_dead = _days(args.keep_days), _days(args.keep_dead_days)
+    runs: list[int] = []  # finished workflow runs deleted, per batch (schema 0024)
 
     async def go(conn: asyncpg.Connection) -> tuple[list[dict[str, Any]], int, list[str]]:
         preview = [dict(r) for r in await conn.fetch(queries.PURGE_PREVIEW, keep, keep_dead)]
@@ -505,6 +506,8 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
             text = str(getattr(message, "message", ""))
             if text.startswith("pgnotify retention:"):
                 removed.append(int(text.split(":", 1)[1].split(maxsplit=1)[0]))
+            elif text.startswith("pgnotify workflow runs deleted:"):
+                runs.append(int(text.rsplit(" ", 1)[1]))
             elif text.startswith("pgnotify: dropped event partition "):
                 dropped.append(text.rsplit(" ", 1)[1])
 
@@ -525,6 +528,8 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         print(f"would delete {sum(r['rows'] for r in preview)} notification(s)")
         return 0
     print(f"deleted {removed} notification(s)")
+    if runs:
+        print(f"deleted {sum(runs)} finished workflow run(s)")
     for name in dropped:
         print(f"dropped events partition {name} (every event in it older than the retention)")
     return 0

@@ -105,6 +105,10 @@ class DeliveryStore(Protocol):
         """Per-channel counts of the queue_status view."""
         ...
 
+    async def workflow_status(self) -> dict[str, Any]:
+        """Running workflow runs by state, the oldest overdue one's age, open batching windows."""
+        ...
+
     async def wake_token(self, channel: str, hold: bool) -> bool:
         """Take (hold) or give back the channel's wake token; whether this worker now holds it.
         While a worker holds it, producers' INSERTs skip the NOTIFY (schema 0008)."""
@@ -232,3 +236,20 @@ class DeliveryMetrics(Protocol):
 
     def database(self, health: dict[str, Any]) -> None:
         """Gauges of the oldest transaction and the queue tables' dead rows."""
+
+    def workflows(self, status: dict[str, Any]) -> None:
+        """Gauges of the workflow runs and batching windows (workflow_status)."""
+
+
+class WorkflowMetrics(Protocol):
+    """What the workflow runner reports (adapters.metrics.Metrics), once its transaction
+    committed."""
+
+    def workflow_run_started(self) -> None:
+        """A run's first evaluation."""
+
+    def workflow_run_finished(self, outcome: str) -> None:
+        """A run ended: completed, stopped, cancelled or failed."""
+
+    def workflow_step(self, kind: str, outcome: str) -> None:
+        """A step recorded."""

@@ -20,7 +20,7 @@ from pgnotify_worker.adapters.inbound import Inbound
 from pgnotify_worker.adapters.inbox_http import inbox_routes
 from pgnotify_worker.adapters.jobs import JobRunner
 from pgnotify_worker.adapters.listener import Listener
-from pgnotify_worker.adapters.metrics import Metrics
+from pgnotify_worker.adapters.metrics import WORKFLOW_STATES, Metrics
 from pgnotify_worker.adapters.preferences_http import PreferenceCentre
 from pgnotify_worker.adapters.providers.spec import reveal
 from pgnotify_worker.adapters.registry import build_providers, inbound_endpoints, share_limits
@@ -277,6 +277,7 @@ class Service:
                 unsubscribe_url=self._unsubscribe_links(unsubscribe_key),
                 preferences_url=self._preference_links(unsubscribe_key),
                 tracing=tracing,
+                on_throttled=metrics.throttle,
             )
             batcher = BatchSender(
                 dispatcher,
@@ -314,7 +315,11 @@ class Service:
             destinations = self.destinations
             background = [lambda: destinations.watch(s.queue_metrics_interval), self._modes_loop]
             flows = WorkflowRunner(
-                pool, self.worker_id, s.workflow_poll_interval, s.workflow_recheck_interval
+                pool,
+                self.worker_id,
+                s.workflow_poll_interval,
+                s.workflow_recheck_interval,
+                metrics=metrics,
             )
             if s.workflows:
                 background.append(flows.run)
@@ -594,4 +599,21 @@ class Service:
             "destinations": self.destinations.describe() if self.destinations else {},
             "queue": queue,
             "rate_limits": limits,
+            "workflows": await self._workflows_status(),
         }
+
+    async def _workflows_status(self) -> dict[str, Any]:
+        """The workflow gauges (from the database, as /metrics has them) and this worker's
+        counters."""
+        section: dict[str, Any] = {"runner_enabled": self.settings.workflows}
+        if self.store is not None:
+            try:
+                found = await asyncio.wait_for(self.store.workflow_status(), 5)
+            except JOB_STATUS_ERRORS as exc:
+                section["error"] = type(exc).__name__
+            else:
+                section["runs_waiting"] = {state: found[state] for state in WORKFLOW_STATES}
+                section["oldest_overdue_seconds"] = round(found["oldest_overdue_seconds"], 1)
+                section["batch_windows_open"] = found["batch_windows_open"]
+        section["this_worker"] = self.metrics.workflow_counts()
+        return section

@@ -583,6 +583,13 @@ class QueueStore:
         )
 
     @translated
+    async def workflow_status(self) -> dict[str, Any]:
+        """Running workflow runs by state, the oldest overdue one's age, open batching windows."""
+        row = await self.pool.fetchrow(queries.WORKFLOW_STATUS)
+        assert row is not None
+        return dict(row)
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

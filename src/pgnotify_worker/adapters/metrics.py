@@ -48,6 +48,8 @@ E2E_BUCKETS = (
     3600,
 )
 QUEUE_STATES = ("ready", "scheduled", "processing", "retrying", "dead", "failed", "held")
+# Running workflow runs: due now, waiting for a delay, waiting for a send's notification to settle.
+WORKFLOW_STATES = ("due", "delayed", "waiting_send")
 
 
 class Metrics:
@@ -205,6 +207,54 @@ class Metrics:
             registry=r,
         )
 
+        # Workflows. No workflow label: names are the application's (up to 100 characters, as
+        # many as it defines), so the series stay bounded; per workflow, ask
+        # pgnotify.workflow_runs_view.
+        self.workflow_runs_started = Counter(
+            "pgnotify_workflow_runs_started",
+            "Workflow runs whose first step this worker evaluated.",
+            registry=r,
+        )
+        self.workflow_runs_finished = Counter(
+            "pgnotify_workflow_runs_finished",
+            "Workflow runs this worker ended, by outcome (completed, stopped: a stop step or a "
+            "condition going to stop, cancelled: a cancel_if, failed). Runs cancelled by "
+            "pgnotify.cancel_run() or a read inbox message end in the database, not here.",
+            ["outcome"],
+            registry=r,
+        )
+        self.workflow_steps = Counter(
+            "pgnotify_workflow_steps",
+            "Workflow steps this worker executed, by kind (send, delay, condition, stop) and "
+            "outcome (created, unreachable, refused, waiting, true, false, stopped).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.workflow_runs_waiting = Gauge(
+            "pgnotify_workflow_runs_waiting",
+            "Running workflow runs by state: due (to be evaluated now), delayed (a delay step or "
+            "a later start), waiting_send (a condition waits for a notification to settle).",
+            ["state"],
+            registry=r,
+        )
+        self.workflow_overdue = Gauge(
+            "pgnotify_workflow_oldest_overdue_seconds",
+            "How long the most overdue running workflow run has been due (0 when none): large "
+            "when no runner evaluates runs.",
+            registry=r,
+        )
+        self.batch_windows_open = Gauge(
+            "pgnotify_batch_windows_open",
+            "Batching windows open (pgnotify.batches not closed yet).",
+            registry=r,
+        )
+        self.throttled = Counter(
+            "pgnotify_throttled",
+            "Sends over their category's throttle, by channel and action (drop, delay, batch).",
+            ["channel", "action"],
+            registry=r,
+        )
+
     def destinations(self, disabled: int, paused: int) -> None:
         """The destination gauges (refreshed with the destinations table)."""
         self.destinations_disabled.set(disabled)
@@ -272,3 +322,46 @@ class Metrics:
             for state in QUEUE_STATES:
                 self.queue_depth.labels(row["channel"], state).set(row[state])
             self.oldest_ready.labels(row["channel"]).set(row["oldest_ready_seconds"])
+
+    def workflows(self, status: dict[str, Any]) -> None:
+        """Refresh the workflow gauges from the workflow_status query (with the queue's)."""
+        for state in WORKFLOW_STATES:
+            self.workflow_runs_waiting.labels(state).set(status[state])
+        self.workflow_overdue.set(status["oldest_overdue_seconds"])
+        self.batch_windows_open.set(status["batch_windows_open"])
+
+    def workflow_counts(self) -> dict[str, Any]:
+        """This worker's workflow and throttle counters, for /status."""
+
+        def totals(metric: Any, *labels: str) -> dict[str, int]:
+            return {
+                "/".join(sample.labels[label] for label in labels): int(sample.value)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+
+        return {
+            "runs_started": totals(self.workflow_runs_started).get("", 0),
+            "runs_finished": totals(self.workflow_runs_finished, "outcome"),
+            "steps": totals(self.workflow_steps, "kind", "outcome"),
+            "throttled": totals(self.throttled, "channel", "action"),
+        }
+
+    def throttle(self, channel: str, action: str) -> None:
+        """A send went over its category's throttle: dropped, delayed or batched."""
+        self.child(self.throttled, channel, action).inc()
+
+    # --- what the workflow runner reports (ports.WorkflowMetrics) -------------------------------
+
+    def workflow_run_started(self) -> None:
+        """A run's first evaluation committed."""
+        self.workflow_runs_started.inc()
+
+    def workflow_run_finished(self, outcome: str) -> None:
+        """A run this worker ended: completed, stopped, cancelled or failed."""
+        self.child(self.workflow_runs_finished, outcome).inc()
+
+    def workflow_step(self, kind: str, outcome: str) -> None:
+        """A step recorded (committed) by this worker."""
+        self.child(self.workflow_steps, kind, outcome).inc()

@@ -1019,7 +1019,8 @@ SELECT count(*) FROM m
 # and that now; runs other workers hold are skipped.
 WF_CLAIM = """
 SELECT r.id, r.workflow, r.version, r.user_id, r.payload, r.current_step, w.category,
-       coalesce(c.timezone, 'UTC') AS timezone, coalesce($1::timestamptz, now()) AS db_now,
+       r.evaluations, coalesce(c.timezone, 'UTC') AS timezone,
+       coalesce($1::timestamptz, now()) AS db_now,
        (SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object('name', s.name, 'kind', s.kind,
                'channel', s.channel, 'template', s.template)) || s.settings ORDER BY s.position)
         FROM pgnotify.workflow_steps s
@@ -1072,17 +1073,33 @@ VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (run_id, step) DO NOTHING
 """
 
-# wf_move: run $1 goes on at step $2 at $3, or ends ($4 not running) with reason $5.
+# wf_move: run $1 goes on at step $2 at $3 (waiting on $6: delay, send or NULL), or ends ($4 not
+# running) with reason $5.
 WF_MOVE = """
 UPDATE pgnotify.workflow_runs
 SET current_step = $2, next_at = $3, status = $4, reason = $5, updated_at = now(),
-    evaluations = evaluations + 1,
+    evaluations = evaluations + 1, waiting_on = $6::text,
     finished_at = CASE WHEN $4 = 'running' THEN NULL ELSE now() END
 WHERE id = $1
 """
 
 # wf_cancel: cancel run $1 with reason $2 (and its notifications not sent yet).
 WF_CANCEL = "SELECT pgnotify.cancel_run($1::bigint, $2::text)"
+
+# workflow_status: running workflow runs by what they wait for (due now, a delay, a send to
+# settle), how long the most overdue one has been due, and the open batching windows. The
+# running runs are read through workflow_runs_due_idx (partial: finished runs cost nothing).
+WORKFLOW_STATUS = """
+SELECT count(*) FILTER (WHERE r.next_at <= now()) AS due,
+       count(*) FILTER (WHERE r.next_at > now() AND r.waiting_on IS DISTINCT FROM 'send')
+           AS delayed,
+       count(*) FILTER (WHERE r.next_at > now() AND r.waiting_on = 'send') AS waiting_send,
+       coalesce(extract(epoch FROM now() - min(r.next_at) FILTER (WHERE r.next_at <= now())),
+                0)::float8 AS oldest_overdue_seconds,
+       (SELECT count(*) FROM pgnotify.batches b WHERE b.closed_at IS NULL) AS batch_windows_open
+FROM pgnotify.workflow_runs r
+WHERE r.status = 'running'
+"""
 
 # wf_next_due: seconds until the earliest running workflow run is due (NULL: none).
 WF_NEXT_DUE = """

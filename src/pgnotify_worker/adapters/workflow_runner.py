@@ -37,6 +37,7 @@ from pgnotify_worker.core.workflows import (
     send_key,
 )
 from pgnotify_worker.models import Wake, WakeWorkflows
+from pgnotify_worker.ports import WorkflowMetrics
 
 log = logging.getLogger(__name__)
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -52,7 +53,11 @@ class WorkflowRunner:
     poll_interval: float = 5.0
     recheck_interval: float = 15.0
     batch: int = 20  # runs per transaction
+    metrics: WorkflowMetrics | None = None
     _wake: anyio.Event = field(default_factory=anyio.Event)
+    # what each open transaction (by its connection) did, reported once it commits:
+    # ("started", ""), ("finished", outcome), (kind, outcome) of a step
+    _done: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
 
     def on_wake(self, wake: Wake) -> None:
         """A NOTIFY arrived (called by the listener beside the delivery worker's own)."""
@@ -68,30 +73,65 @@ class WorkflowRunner:
         each in a savepoint of its own; how many. `at` stands in for the database clock (tests
         of a delay until a local time). One commit for the batch: the commit's flush, not the
         evaluation, is what a run costs on a durable database."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            runs = await conn.fetch(queries.WF_CLAIM, at, limit or self.batch)
-            for run in runs:
-                try:
-                    async with conn.transaction():  # a savepoint: a run that breaks fails alone
-                        await self._evaluate(conn, run)
-                except DB_ERRORS:
-                    raise  # the database or the connection: the whole batch is tried again
-                except Exception as exc:  # a bug: never evaluate this run again and again
-                    log.exception(
-                        "workflow run %s cannot be evaluated",
-                        run["id"],
-                        extra={"action": "workflow_failed"},
-                    )
-                    reason = f"cannot evaluate: {type(exc).__name__}: {exc}"[:500]
-                    await conn.execute(
-                        queries.WF_MOVE,
-                        run["id"],
-                        run["current_step"],
-                        run["db_now"],
-                        "failed",
-                        reason,
-                    )
+        async with self.pool.acquire() as conn:
+            done = self._done[id(conn)] = []
+            try:
+                async with conn.transaction():
+                    runs = await self._run_due(conn, at, limit)
+            finally:
+                del self._done[id(conn)]
+        self._report(done)
         return len(runs)
+
+    async def _run_due(
+        self, conn: Conn, at: dt.datetime | None, limit: int | None
+    ) -> list[asyncpg.Record]:
+        done = self._done[id(conn)]
+        runs: list[asyncpg.Record] = await conn.fetch(queries.WF_CLAIM, at, limit or self.batch)
+        for run in runs:
+            if run["evaluations"] == 0:
+                done.append(("started", ""))
+            kept = len(done)
+            try:
+                async with conn.transaction():  # a savepoint: a run that breaks fails alone
+                    await self._evaluate(conn, run)
+            except DB_ERRORS:
+                raise  # the database or the connection: the whole batch is tried again
+            except Exception as exc:  # a bug: never evaluate this run again and again
+                del done[kept:]  # its savepoint was rolled back
+                log.exception(
+                    "workflow run %s cannot be evaluated",
+                    run["id"],
+                    extra={"action": "workflow_failed"},
+                )
+                reason = f"cannot evaluate: {type(exc).__name__}: {exc}"[:500]
+                await conn.execute(
+                    queries.WF_MOVE,
+                    run["id"],
+                    run["current_step"],
+                    run["db_now"],
+                    "failed",
+                    reason,
+                    None,
+                )
+                done.append(("finished", "failed"))
+        return runs
+
+    def _note(self, conn: Conn, what: str, outcome: str) -> None:
+        """Remember what the open transaction did (counted once it commits)."""
+        self._done[id(conn)].append((what, outcome))
+
+    def _report(self, done: list[tuple[str, str]]) -> None:
+        """Count what a committed transaction did (a rolled back one counts nothing)."""
+        if self.metrics is None:
+            return
+        for what, outcome in done:
+            if what == "started":
+                self.metrics.workflow_run_started()
+            elif what == "finished":
+                self.metrics.workflow_run_finished(outcome)
+            else:
+                self.metrics.workflow_step(what, outcome)
 
     async def run_one(self, at: dt.datetime | None = None) -> bool:
         """Evaluate the most overdue run, if any; False when none is due."""
@@ -154,13 +194,18 @@ class WorkflowRunner:
                     await self._record(conn, run_id, step, outcome, step.check.describe(), None)
                     if following is None:
                         why = reason or "all steps done"
-                        await self._finish(conn, run_id, None, now, "completed", why)
+                        stopped = reason is not None  # the condition went to "stop"
+                        await self._finish(
+                            conn, run_id, None, now, "completed", why, stopped=stopped
+                        )
                         return
                     current = following
                 case Wait(step=step, until=until, next_step=following):
                     detail = f"until {until:%Y-%m-%d %H:%M:%S} UTC"
                     await self._record(conn, run_id, step, "waiting", detail, None)
-                    await conn.execute(queries.WF_MOVE, run_id, following, until, "running", None)
+                    await conn.execute(
+                        queries.WF_MOVE, run_id, following, until, "running", None, "delay"
+                    )
                     log.info(
                         "workflow run %s waits at step %s %s",
                         run_id,
@@ -170,10 +215,13 @@ class WorkflowRunner:
                     )
                     return
                 case Recheck(step=step, at=again):
-                    await conn.execute(queries.WF_MOVE, run_id, step.name, again, "running", None)
+                    await conn.execute(
+                        queries.WF_MOVE, run_id, step.name, again, "running", None, "send"
+                    )
                     return
                 case Finish(status="cancelled", reason=reason):
                     await conn.execute(queries.WF_CANCEL, run_id, reason)
+                    self._note(conn, "finished", "cancelled")
                     log.info(
                         "workflow run %s %s", run_id, reason, extra={"action": "workflow_cancelled"}
                     )
@@ -181,7 +229,9 @@ class WorkflowRunner:
                 case Finish(status=status, reason=reason, step=step):
                     if step is not None:
                         await self._record(conn, run_id, step, "stopped", reason, None)
-                    await self._finish(conn, run_id, None, now, status, reason)
+                    await self._finish(
+                        conn, run_id, None, now, status, reason, stopped=step is not None
+                    )
                     return
         await self._finish(conn, run_id, current, now, "failed", "cannot run: no progress")
 
@@ -193,8 +243,11 @@ class WorkflowRunner:
         now: dt.datetime,
         status: str,
         reason: str,
+        *,
+        stopped: bool = False,
     ) -> None:
-        await conn.execute(queries.WF_MOVE, run_id, current, now, status, reason)
+        await conn.execute(queries.WF_MOVE, run_id, current, now, status, reason, None)
+        self._note(conn, "finished", "stopped" if stopped else status)
         level = logging.WARNING if status == "failed" else logging.INFO
         log.log(
             level,
@@ -277,7 +330,7 @@ class WorkflowRunner:
         detail: str | None,
         notification_id: int | None,
     ) -> None:
-        await conn.execute(
+        result = await conn.execute(
             queries.WF_RECORD,
             run_id,
             step.name,
@@ -287,6 +340,8 @@ class WorkflowRunner:
             notification_id,
             self.worker_id,
         )
+        if result != "INSERT 0 0":  # recorded before (a repeat after a crash): counted then
+            self._note(conn, step.kind, outcome)
 
     async def run(self) -> None:
         """Until cancelled: evaluate what is due, then sleep until the next due run, a NOTIFY

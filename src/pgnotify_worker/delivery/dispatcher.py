@@ -112,8 +112,10 @@ class Dispatcher:
         unsubscribe_url: Callable[[str, str | None], str] | None = None,
         preferences_url: Callable[[str], str] | None = None,
         tracing: Tracing | None = None,
+        on_throttled: Callable[[str, str], None] = lambda _channel, _action: None,
     ) -> None:
         self.failover = failover
+        self.on_throttled = on_throttled  # (channel, action): a send over its throttle
         self.templates = templates
         self.renderer = renderer
         self.policy = policy
@@ -213,6 +215,8 @@ class Dispatcher:
             # last, so only a row that would go out now counts against the allowance (a digest
             # already gathers many: it is not throttled)
             take = await self.store.take_throttle(n.user_id or n.recipient, n.category, n.channel)
+            if take is not None and not take.allowed:
+                self.on_throttled(n.channel, take.action)
             return throttle_verdict(take)
         return verdict
 

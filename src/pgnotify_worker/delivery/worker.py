@@ -546,4 +546,8 @@ class Worker:
                 await self.store.channel_health(self.dispatcher.sendable(), 2 * interval)
             except Exception as exc:  # a loop outlives any failure
                 self._db_failed("queue_status", exc)
+            try:
+                self.metrics.workflows(await self.store.workflow_status())
+            except Exception as exc:
+                self._db_failed("workflow_status", exc)
             await anyio.sleep(self.config.queue_metrics_interval)

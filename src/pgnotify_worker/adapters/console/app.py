@@ -427,6 +427,7 @@ class Console:
             limits = [dict(r) for r in await conn.fetch(queries.PROVIDER_LIMITS)]
             destinations = [dict(r) for r in await conn.fetch(queries.CONSOLE_DESTINATIONS)]
             jobs = [dict(r) for r in await conn.fetch(queries.CONSOLE_JOBS)]
+            workflows = dict(await conn.fetchrow(queries.WORKFLOW_STATUS) or {})
         for row in queue:
             row["paused"] = paused.get(row["channel"])
         for row in limits:
@@ -455,6 +456,7 @@ class Console:
             "limits": limits,
             "destinations": destinations,
             "jobs": jobs,
+            "workflows": workflows,
             "circuits": self.circuits(),
         }
 

@@ -125,7 +125,9 @@ async def test_concurrent_holds_make_exactly_one_digest_per_window(
 ) -> None:
     await paris(conn)
     await paris(conn, "bo")
-    ids = {user: [await enqueue(conn, f"{user}{i}", user) for i in range(15)] for user in ("pia", "bo")}
+    ids = {
+        user: [await enqueue(conn, f"{user}{i}", user) for i in range(15)] for user in ("pia", "bo")
+    }
     completers = [await asyncpg.connect(dsn) for _ in range(10)]
     start = asyncio.Event()
 
@@ -155,9 +157,12 @@ async def test_concurrent_holds_make_exactly_one_digest_per_window(
         ("bo@example.com", 15),
         ("pia@example.com", 15),
     ]
-    assert await conn.fetchval(
-        "SELECT count(*) FROM pgnotify.notifications WHERE digest_of = 'weekly'"
-    ) == 2
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.notifications WHERE digest_of = 'weekly'"
+        )
+        == 2
+    )
     far = dt.datetime.now(UTC) + dt.timedelta(days=8)
     assert await conn.fetchval("SELECT pgnotify.build_digests('weekly', $1)", far) == 2
     for w in windows:
@@ -165,9 +170,10 @@ async def test_concurrent_holds_make_exactly_one_digest_per_window(
             "SELECT payload FROM pgnotify.notifications WHERE id = $1", w["notification_id"]
         )
         assert len(payload["items"]) == 15
-    assert await conn.fetchval(
-        "SELECT count(*) FROM pgnotify.notifications WHERE status = 'digested'"
-    ) == 30
+    assert (
+        await conn.fetchval("SELECT count(*) FROM pgnotify.notifications WHERE status = 'digested'")
+        == 30
+    )
 
 
 async def test_changing_the_digest_hour_re_aims_the_open_windows(conn: asyncpg.Connection) -> None:
@@ -176,16 +182,21 @@ async def test_changing_the_digest_hour_re_aims_the_open_windows(conn: asyncpg.C
     await hold(conn, [nid], "daily", at("2026-03-28 10:00"))
     assert await conn.fetchval("SELECT closes_at FROM pgnotify.batches") == at("2026-03-29 06:00")
     # the digest job passes the worker's settings: 18:00 local from now on
-    assert await conn.fetchval(
-        "SELECT pgnotify.build_digests('daily', $1, 18)", at("2026-03-28 16:00")
-    ) == 0
+    assert (
+        await conn.fetchval(
+            "SELECT pgnotify.build_digests('daily', $1, 18)", at("2026-03-28 16:00")
+        )
+        == 0
+    )
     assert await conn.fetchval("SELECT closes_at FROM pgnotify.batches") == at("2026-03-28 17:00")
-    assert await conn.fetchval(
-        "SELECT local_hour FROM pgnotify.digest_schedule WHERE kind = 'daily'"
-    ) == 18
-    assert await conn.fetchval(
-        "SELECT pgnotify.build_digests('daily', $1)", at("2026-03-28 17:00")
-    ) == 1
+    assert (
+        await conn.fetchval("SELECT local_hour FROM pgnotify.digest_schedule WHERE kind = 'daily'")
+        == 18
+    )
+    assert (
+        await conn.fetchval("SELECT pgnotify.build_digests('daily', $1)", at("2026-03-28 17:00"))
+        == 1
+    )
 
 
 async def test_a_window_whose_items_were_all_cancelled_sends_nothing(
@@ -248,9 +259,10 @@ async def test_rows_held_before_the_migration_are_delivered_after_it(
             "SELECT status, digest_id FROM pgnotify.notifications WHERE id = ANY($1)", old
         )
         assert {tuple(r) for r in rows} == {("digested", sent["id"])}
-        assert await conn.fetchval(
-            "SELECT status FROM pgnotify.notifications WHERE id = $1", recent
-        ) == "held"
+        assert (
+            await conn.fetchval("SELECT status FROM pgnotify.notifications WHERE id = $1", recent)
+            == "held"
+        )
         (mail,) = [json.loads(line) for line in sink.read_text().splitlines()]
         assert mail["subject"] == "Your 2 updates"
         assert mail["text"] == "- Facture 1\n- Facture 2\n"

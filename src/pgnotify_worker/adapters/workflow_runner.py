@@ -262,11 +262,11 @@ class WorkflowRunner:
             )
             return StepFacts("refused", channel=step.channel), None
         if made is None:
-            detail = f"the user has no {step.channel} address"
-            await self._record(conn, run_id, step, "unreachable", detail, None)
+            why = f"the user has no {step.channel} address"
+            await self._record(conn, run_id, step, "unreachable", why, None)
             return StepFacts("unreachable", channel=step.channel), None
         closes: dt.datetime | None = None
-        detail = None
+        detail: str | None = None
         if step.batch is not None:
             value = step.batch.key_of(payload)
             if value is None:

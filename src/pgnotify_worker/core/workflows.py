@@ -47,7 +47,9 @@ UNTIL = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 BATCH_SETTINGS = ("key", "window", "items")
 BATCH_WINDOW = re.compile(r"\s*([0-9]{1,7})\s*(second|minute|hour|day)s?\s*")
 _PATH = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-BATCH_KEY = re.compile(rf"\s*(?:\{{\{{\s*(?:payload\.)?({_PATH})\s*\}}\}}|(?:payload\.)?({_PATH}))\s*")
+BATCH_KEY = re.compile(
+    rf"\s*(?:\{{\{{\s*(?:payload\.)?({_PATH})\s*\}}\}}|(?:payload\.)?({_PATH}))\s*"
+)
 MAX_BATCH_WINDOW = 7 * 86400
 
 

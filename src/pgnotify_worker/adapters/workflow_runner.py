@@ -152,6 +152,13 @@ class WorkflowRunner:
                         await conn.execute(
                             queries.WF_MOVE, run_id, following, closes, "running", None
                         )
+                        log.info(
+                            "workflow run %s step %s is batched until %s",
+                            run_id,
+                            step.name,
+                            closes.isoformat(),
+                            extra={"action": "workflow_batched"},
+                        )
                         return
                     current = following
                 case Go(step=step, result=result, next_step=following, reason=reason):

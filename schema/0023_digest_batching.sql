@@ -311,20 +311,25 @@ END
 $fn$;
 
 -- gather_digest_rows(): held daily/weekly rows without a window join theirs (the rows held
--- before this migration; a row held by any path that skipped the trigger). Returns how many.
+-- before this migration; a row held by any path that skipped the trigger), oldest first, so a
+-- window closes at the moment after its oldest item. Returns how many.
 CREATE FUNCTION pgnotify.gather_digest_rows(p_kind text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    gathered integer;
+    gathered integer := 0;
+    todo bigint;
 BEGIN
-    UPDATE pgnotify.notifications n
-    SET batch_id = pgnotify.join_batch(n, n.hold, 'digest', pgnotify.digest_window_close(n)),
-        held_at = coalesce(n.held_at, now())
-    FROM (SELECT x.id FROM pgnotify.notifications x
-          WHERE x.status = 'held' AND x.hold = p_kind AND x.batch_id IS NULL
-          ORDER BY x.held_at, x.id) todo
-    WHERE n.id = todo.id;
-    GET DIAGNOSTICS gathered = ROW_COUNT;
+    FOR todo IN
+        SELECT x.id FROM pgnotify.notifications x
+        WHERE x.status = 'held' AND x.hold = p_kind AND x.batch_id IS NULL
+        ORDER BY x.held_at NULLS LAST, x.id
+    LOOP
+        UPDATE pgnotify.notifications n
+        SET batch_id = pgnotify.join_batch(n, n.hold, 'digest', pgnotify.digest_window_close(n)),
+            held_at = coalesce(n.held_at, now())
+        WHERE n.id = todo AND n.status = 'held' AND n.batch_id IS NULL;
+        gathered := gathered + 1;
+    END LOOP;
     RETURN gathered;
 END
 $fn$;

@@ -227,6 +227,7 @@ async def test_rows_held_before_the_migration_are_delivered_after_it(
             "('invoice', 'email', '', 'Invoice {{ n }}', 'Pay'), "
             "('invoice', 'email', 'fr', 'Facture {{ n }}', 'Payez')"
         )
+        newer = await enqueue(conn, "newer")  # the lowest id, held last
         old = [
             await conn.fetchval(
                 "SELECT pgnotify.enqueue('email', 'pia@example.com', user_id => 'pia', "
@@ -243,10 +244,13 @@ async def test_rows_held_before_the_migration_are_delivered_after_it(
             old,
         )
         await hold(conn, [recent], "weekly", dt.datetime.now(UTC))
+        await hold(conn, [newer], "daily", dt.datetime.now(UTC) - dt.timedelta(minutes=1))
 
         assert await migrate.migrate(conn) == [23]
         windows = await conn.fetch("SELECT * FROM pgnotify.batches ORDER BY batch_key")
-        assert [(w["batch_key"], w["items"]) for w in windows] == [("daily", 2), ("weekly", 1)]
+        assert [(w["batch_key"], w["items"]) for w in windows] == [("daily", 3), ("weekly", 1)]
+        # the window closes at the moment after its oldest item: passed, so it goes out at once
+        assert windows[0]["closes_at"] < dt.datetime.now(UTC) - dt.timedelta(hours=12)
         assert windows[1]["closes_at"] > dt.datetime.now(UTC)  # the next Monday 08:00 in Paris
 
         sink = tmp_path / "outbox.jsonl"
@@ -256,7 +260,8 @@ async def test_rows_held_before_the_migration_are_delivered_after_it(
         async with running(settings) as service:
             (sent,) = await wait_rows(conn, [windows[0]["notification_id"]], {"sent"}, service)
         rows = await conn.fetch(
-            "SELECT status, digest_id FROM pgnotify.notifications WHERE id = ANY($1)", old
+            "SELECT status, digest_id FROM pgnotify.notifications WHERE id = ANY($1)",
+            [*old, newer],
         )
         assert {tuple(r) for r in rows} == {("digested", sent["id"])}
         assert (
@@ -264,7 +269,7 @@ async def test_rows_held_before_the_migration_are_delivered_after_it(
             == "held"
         )
         (mail,) = [json.loads(line) for line in sink.read_text().splitlines()]
-        assert mail["subject"] == "Your 2 updates"
-        assert mail["text"] == "- Facture 1\n- Facture 2\n"
+        assert mail["subject"] == "Your 3 updates"
+        assert mail["text"] == "- newer\n- Facture 1\n- Facture 2\n"  # in order of creation
     finally:
         await conn.close()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pgnotify_worker.core.workflows import (
+    Batch,
     Check,
     DefinitionError,
     Finish,
@@ -324,3 +325,53 @@ def test_bad_definitions_are_refused_with_the_problem_named(
 ) -> None:
     with pytest.raises(DefinitionError, match=message.replace("(", r"\(")):
         parse("bad", 1, None, steps)
+
+
+def batched(batch: Any) -> Batch | None:
+    step = {"kind": "send", "channel": "email", "body": "x", "batch": batch}
+    return parse("w", 1, None, [step]).steps[0].batch
+
+
+@pytest.mark.parametrize(
+    ("batch", "window", "key", "items"),
+    [
+        ({"window": "15 minutes"}, 900.0, None, 10),
+        ({"window": "1 second", "key": "thread_id", "items": 1}, 1.0, ("thread_id",), 1),
+        ({"window": "7 days", "key": "{{ payload.doc.id }}"}, 604800.0, ("doc", "id"), 10),
+        ({"window": " 2 hour ", "key": "payload.t", "items": 100}, 7200.0, ("t",), 100),
+    ],
+)
+def test_a_send_steps_batch_is_parsed(
+    batch: dict[str, Any], window: float, key: tuple[str, ...] | None, items: int
+) -> None:
+    assert batched(batch) == Batch(window, key, items)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ("15 minutes", "must be an object"),
+        ({"window": "15 minutes", "size": 2}, "has no setting size"),
+        ({"window": "0 seconds"}, "from 1 second to 7 days"),
+        ({"window": "8 days"}, "from 1 second to 7 days"),
+        ({"window": 900}, "from 1 second to 7 days"),
+        ({"window": "1 minute", "key": "{{ payload.t"}, "must name a payload field"),
+        ({"window": "1 minute", "key": "a b"}, "must name a payload field"),
+        ({"window": "1 minute", "items": 101}, "an integer from 1 to 100"),
+        ({"window": "1 minute", "items": True}, "an integer from 1 to 100"),
+    ],
+)
+def test_a_bad_batch_is_refused_with_the_problem_named(batch: Any, message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        batched(batch)
+
+
+def test_the_batch_key_is_read_from_the_payload() -> None:
+    batch = Batch(60.0, ("thread", "id"))
+    assert batch.key_of({"thread": {"id": 7}}) == "7"
+    assert batch.key_of({"thread": {"id": "t-1"}}) == "t-1"
+    assert batch.key_of({"thread": {"id": True}}) == "true"
+    assert batch.key_of({"thread": {}}) is None
+    assert batch.key_of({"thread": {"id": None}}) is None
+    assert batch.key_of({"thread": {"id": [1]}}) is None
+    assert Batch(60.0).key_of({}) == ""  # no key: one window per user and step

@@ -542,6 +542,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "WF_PREFERENCE": ("ada", "email", None),
         "WF_SEND": ("workflow:1:x", "ada", "inapp", None, None, None, "Hi", None, "{}", 0),
         "WF_SENT_BEFORE": ("workflow:1:x",),
+        "WF_FOLD": (nid, "workflow:w:s", "k", 60.0, 10),
         "WF_RECORD": (run, "step1", "send", "created", None, None, "w"),
         "WF_MOVE": (run, "step1", soon, "running", None, "delay"),
         "WORKFLOW_STATUS": (),

@@ -549,6 +549,26 @@ SMS = {"name": "sms", "kind": "send", "channel": "sms", "body": "x"}
         ),
         ([SMS, SMS], "has two steps named 'sms'"),
         ([{**SMS, "cancel_if": {"step": "sms", "is": "read"}}], "refers to step 'sms', which is"),
+        (
+            [{**SMS, "batch": "15 minutes"}],
+            "batch of step 'sms' of workflow 'bad' must be an object",
+        ),
+        ([{**SMS, "batch": {"window": "1 minute", "size": 3}}], "has no setting 'size'"),
+        (
+            [{**SMS, "batch": {"window": "15 mins"}}],
+            "window of the batch of step 'sms' of workflow 'bad' must be a time from 1 second to 7 d",
+        ),
+        ([{**SMS, "batch": {"window": "8 days"}}], "from 1 second to 7 days, like"),
+        ([{**SMS, "batch": {"key": "thread"}}], "window of the batch .* not missing"),
+        (
+            [{**SMS, "batch": {"key": "{{ payload.thread", "window": "1 minute"}}],
+            "key of the batch of step 'sms' of workflow 'bad' must name a payload field",
+        ),
+        (
+            [{**SMS, "batch": {"window": "1 minute", "items": 0}}],
+            "items of the batch of step 'sms' of workflow 'bad' must be an integer from 1 to 100",
+        ),
+        ([{"kind": "delay", "minutes": 1, "batch": {"window": "1 minute"}}], "no setting 'batch'"),
     ],
 )
 async def test_bad_definitions_are_refused_with_the_problem_named(
@@ -837,3 +857,148 @@ async def test_a_run_that_breaks_the_evaluation_fails_alone_and_its_batch_goes_o
         "cannot evaluate: ValueError: a bug",
     )
     assert await made_by(conn, bad) == {}
+
+
+# --- batching per send step -------------------------------------------------------------------------
+
+BATCHED = {
+    "name": "email",
+    "kind": "send",
+    "channel": "email",
+    "subject": "{{ count }} replies in {{ batch_key }}",
+    "body": "{% for i in items %}{{ i.payload.text }};{% endfor %}{% if more %} +{{ more }}{% endif %}",
+    "batch": {"key": "{{ payload.thread_id }}", "window": "15 minutes", "items": 3},
+}
+
+
+async def test_a_batched_send_step_folds_a_windows_triggers_into_one_send_and_runs_go_on(
+    conn: asyncpg.Connection,
+    runner: WorkflowRunner,
+    worker_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    await contact(conn)
+    await define(
+        conn,
+        "replies",
+        [
+            BATCHED,
+            {"name": "went", "kind": "condition", "step": "email", "is": "sent", "else": "stop"},
+            {"name": "inapp", "kind": "send", "channel": "inapp", "body": "after"},
+        ],
+    )
+    runs = [
+        await trigger(conn, "replies", payload={"thread_id": 7, "text": f"r{i}"}) for i in range(5)
+    ]
+    other = await trigger(conn, "replies", payload={"thread_id": 8, "text": "x"})
+    assert await settle(runner) == 6  # each run's send folds into its thread's window
+    windows = await conn.fetch(
+        "SELECT * FROM pgnotify.batches WHERE reason = 'workflow' ORDER BY id"
+    )
+    assert [(w["shown_key"], w["items"]) for w in windows] == [("7", 5), ("8", 1)]
+    assert windows[0]["closes_at"] - windows[0]["opened_at"] == dt.timedelta(minutes=15)
+    for run_id in runs:  # each waits for the window's notification, then goes on
+        run = await run_of(conn, run_id)
+        assert (run["status"], run["current_step"], run["next_at"]) == (
+            "running",
+            "went",
+            windows[0]["closes_at"],
+        )
+        (detail,) = await conn.fetch(
+            "SELECT outcome, detail FROM pgnotify.workflow_run_steps WHERE run_id = $1", run_id
+        )
+        assert detail["outcome"] == "created" and detail["detail"].startswith("batched until ")
+    carrier = windows[0]["notification_id"]
+    outbox = tmp_path / "outbox.jsonl"
+    settings = worker_settings(
+        email_providers="file",
+        inapp_providers="file",
+        file_sink_path=str(outbox),
+        workflow_poll_interval=0.2,
+        workflow_recheck_interval=0.2,
+    )
+    async with running(settings):
+        # the window's end comes (what the clock would do), and its one email goes out
+        await conn.execute(
+            "UPDATE pgnotify.notifications SET run_at = now() WHERE id = $1", carrier
+        )
+        await wait_for(
+            conn, "SELECT status = 'sent' FROM pgnotify.notifications WHERE id = $1", carrier
+        )
+        for run_id in runs:
+            await time_passes(conn, run_id)
+        await wait_for(
+            conn,
+            "SELECT bool_and(status = 'completed') FROM pgnotify.workflow_runs WHERE id = ANY($1)",
+            runs,
+        )
+        await wait_for(
+            conn,
+            "SELECT count(*) = 5 FROM pgnotify.notifications "
+            "WHERE channel = 'inapp' AND status = 'sent'",
+        )
+    for run_id in runs:
+        assert await steps_of(conn, run_id) == [
+            ("email", "created"),
+            ("went", "true"),  # the folded send answers with the email that carried it
+            ("inapp", "created"),
+        ]
+    items = await conn.fetch(
+        "SELECT n.status, n.digest_id FROM pgnotify.workflow_run_steps s "
+        "JOIN pgnotify.notifications n ON n.id = s.notification_id "
+        "WHERE s.run_id = ANY($1) AND s.step = 'email'",
+        runs,
+    )
+    assert {tuple(r) for r in items} == {("digested", carrier)}
+    mails = [m for m in map(json.loads, outbox.read_text().splitlines()) if m["channel"] == "email"]
+    assert [(m["subject"], m["text"]) for m in mails] == [("5 replies in 7", "r0;r1;r2; +2")]
+    # the other thread's window is still open, its run still waiting for it
+    assert (await run_of(conn, other))["current_step"] == "went"
+    assert (
+        await conn.fetchval(
+            "SELECT status FROM pgnotify.notifications WHERE id = $1", windows[1]["notification_id"]
+        )
+        == "scheduled"
+    )
+
+
+async def test_a_send_whose_payload_lacks_the_batch_key_goes_out_alone(
+    conn: asyncpg.Connection, runner: WorkflowRunner
+) -> None:
+    await contact(conn)
+    await define(conn, "replies", [BATCHED])
+    run_id = await trigger(conn, "replies", payload={"text": "no thread"})
+    await settle(runner)
+    (step,) = await conn.fetch(
+        "SELECT outcome, detail FROM pgnotify.workflow_run_steps WHERE run_id = $1", run_id
+    )
+    assert tuple(step) == ("created", "not batched: the payload has no payload.thread_id")
+    made = (await made_by(conn, run_id))["email"]
+    assert (made["status"], made["batch_id"]) == ("queued", None)
+    assert (await run_of(conn, run_id))["status"] == "completed"
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.batches") == 0
+
+
+async def test_a_batched_step_repeated_after_a_crash_joins_its_window_once(
+    conn: asyncpg.Connection, runner: WorkflowRunner
+) -> None:
+    await contact(conn)
+    await define(conn, "replies", [BATCHED, INAPP])
+    run_id = await trigger(conn, "replies", payload={"thread_id": 7, "text": "a"})
+    await settle(runner)
+    # the step is evaluated again (as after a worker died before its commit was seen)
+    await conn.execute(
+        "DELETE FROM pgnotify.workflow_run_steps WHERE run_id = $1; "
+        "UPDATE pgnotify.workflow_runs SET current_step = 'email', next_at = now() WHERE id = $1".replace(
+            "$1", str(run_id)
+        )
+    )
+    await settle(runner)
+    (window,) = await conn.fetch("SELECT items FROM pgnotify.batches")
+    assert window["items"] == 1
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.notifications WHERE channel = 'email' AND batch_of IS NULL"
+        )
+        == 1
+    )

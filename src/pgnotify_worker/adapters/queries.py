@@ -1035,14 +1035,18 @@ FOR UPDATE OF r SKIP LOCKED
 """
 
 # wf_facts: what run $1's steps did so far, with their notifications' status, read state and
-# provider events (delivered, clicked, bounced ...).
+# provider events (delivered, clicked, bounced ...); a send folded into a batching window
+# (hold batch, now digested) answers with the notification that carried it.
 WF_FACTS = """
 SELECT s.step, s.outcome, n.status, n.channel, i.read_at IS NOT NULL AS read,
        coalesce((SELECT array_agg(DISTINCT e.event) FROM pgnotify.events e
-                 WHERE e.notification_id = s.notification_id), '{}') AS events
+                 WHERE e.notification_id = n.id), '{}') AS events
 FROM pgnotify.workflow_run_steps s
-LEFT JOIN pgnotify.notifications n ON n.id = s.notification_id
-LEFT JOIN pgnotify.inbox i ON i.notification_id = s.notification_id
+LEFT JOIN pgnotify.notifications made ON made.id = s.notification_id
+LEFT JOIN pgnotify.notifications n
+       ON n.id = CASE WHEN made.hold = 'batch' AND made.status = 'digested'
+                      THEN made.digest_id ELSE made.id END
+LEFT JOIN pgnotify.inbox i ON i.notification_id = n.id
 WHERE s.run_id = $1 AND s.kind = 'send'
 """
 
@@ -1061,6 +1065,10 @@ WHERE t.recipient IS NOT NULL
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING n.id, n.status
 """
+
+# wf_fold: notification $1 of a batched send step joins its window (scope $2, key $3, window $4
+# seconds, $5 items); when the window closes.
+WF_FOLD = "SELECT pgnotify.workflow_fold($1, $2, $3, $4, $5)"
 
 # wf_sent_before: the notification already made under key $1 (a step repeated after a crash).
 WF_SENT_BEFORE = "SELECT id, status FROM pgnotify.notifications WHERE idempotency_key = $1"

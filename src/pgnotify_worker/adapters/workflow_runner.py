@@ -30,6 +30,7 @@ from pgnotify_worker.core.workflows import (
     StepFacts,
     Wait,
     Workflow,
+    batch_scope,
     decide,
     parse,
     payload_for,
@@ -186,7 +187,19 @@ class WorkflowRunner:
             )
             match decision:
                 case SendNow(step=step, next_step=following):
-                    facts[step.name] = await self._send(conn, run, workflow, step)
+                    facts[step.name], closes = await self._send(conn, run, workflow, step)
+                    if closes is not None:  # folded: go on when its window's notification goes
+                        await conn.execute(
+                            queries.WF_MOVE, run_id, following, closes, "running", None, "send"
+                        )
+                        log.info(
+                            "workflow run %s step %s is batched until %s",
+                            run_id,
+                            step.name,
+                            closes.isoformat(),
+                            extra={"action": "workflow_batched"},
+                        )
+                        return
                     current = following
                 case Go(step=step, result=result, next_step=following, reason=reason):
                     assert step.check is not None
@@ -274,8 +287,9 @@ class WorkflowRunner:
 
     async def _send(
         self, conn: Conn, run: asyncpg.Record, workflow: Workflow, step: Step
-    ) -> StepFacts:
-        """Make the step's notification; what it led to (created, unreachable or refused)."""
+    ) -> tuple[StepFacts, dt.datetime | None]:
+        """Make the step's notification; what it led to (created, unreachable or refused), and,
+        for a send folded into the step's batching window, when that window closes."""
         run_id: int = run["id"]
         key = send_key(run_id, step.name)
         payload: dict[str, Any] = payload_for(step, run["payload"] or {})
@@ -306,12 +320,29 @@ class WorkflowRunner:
                 reason,
                 extra={"action": "workflow_send_refused"},
             )
-            return StepFacts("refused", channel=step.channel)
+            return StepFacts("refused", channel=step.channel), None
         if made is None:
-            detail = f"the user has no {step.channel} address"
-            await self._record(conn, run_id, step, "unreachable", detail, None)
-            return StepFacts("unreachable", channel=step.channel)
-        await self._record(conn, run_id, step, "created", None, made["id"])
+            why = f"the user has no {step.channel} address"
+            await self._record(conn, run_id, step, "unreachable", why, None)
+            return StepFacts("unreachable", channel=step.channel), None
+        closes: dt.datetime | None = None
+        detail: str | None = None
+        if step.batch is not None:
+            value = step.batch.key_of(payload)
+            if value is None:
+                detail = f"not batched: the payload has no {step.batch.describe_key()}"
+            else:
+                closes = await conn.fetchval(
+                    queries.WF_FOLD,
+                    made["id"],
+                    batch_scope(workflow, step),
+                    value,
+                    step.batch.window,
+                    step.batch.items,
+                )
+                if closes is not None:
+                    detail = f"batched until {closes:%Y-%m-%d %H:%M:%S} UTC"
+        await self._record(conn, run_id, step, "created", detail, made["id"])
         log.info(
             "workflow run %s step %s: notification %s",
             run_id,
@@ -319,7 +350,7 @@ class WorkflowRunner:
             made["id"],
             extra={"action": "workflow_send"},
         )
-        return StepFacts("created", made["status"], step.channel)
+        return StepFacts("created", "held" if closes else made["status"], step.channel), closes
 
     async def _record(
         self,

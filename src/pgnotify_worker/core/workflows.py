@@ -26,7 +26,16 @@ SETTLED = frozenset({"sent", "failed", "dead", "cancelled", "skipped", "digested
 # checks whose answer waits for the notification to settle; the others are "so far"
 NEEDS_SETTLED = frozenset({"sent", "delivered", "failed", "bounced", "skipped"})
 SETTINGS = {
-    "send": {"subject", "body", "html_body", "overrides", "priority", "category", "cancel_if"},
+    "send": {
+        "subject",
+        "body",
+        "html_body",
+        "overrides",
+        "priority",
+        "category",
+        "cancel_if",
+        "batch",
+    },
     "delay": {"seconds", "minutes", "hours", "days", "until", "cancel_if"},
     "condition": {"step", "is", "preference", "category", "then", "else", "cancel_if"},
     "stop": {"reason"},
@@ -34,6 +43,14 @@ SETTINGS = {
 UNITS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
 NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 UNTIL = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+# a send step's batch: the same rules as validate_workflow_step() in schema/0023
+BATCH_SETTINGS = ("key", "window", "items")
+BATCH_WINDOW = re.compile(r"\s*([0-9]{1,7})\s*(second|minute|hour|day)s?\s*")
+_PATH = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+BATCH_KEY = re.compile(
+    rf"\s*(?:\{{\{{\s*(?:payload\.)?({_PATH})\s*\}}\}}|(?:payload\.)?({_PATH}))\s*"
+)
+MAX_BATCH_WINDOW = 7 * 86400
 
 
 class DefinitionError(PgnotifyError):
@@ -53,6 +70,63 @@ class Check:
         if self.step is not None:
             return f"step {self.step!r} is {self.is_}"
         return f"the {self.preference} preference is {self.is_}"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A send step's batching window: its sends for one user and key within `window` seconds of
+    the first fold into one notification carrying `items` of them."""
+
+    window: float
+    key: tuple[str, ...] | None = None  # a path into the send's payload; None: one per user
+    items: int = 10
+
+    def key_of(self, payload: Mapping[str, Any]) -> str | None:
+        """The key value for this payload ("" without a key); None when the payload lacks it."""
+        if self.key is None:
+            return ""
+        value: Any = payload
+        for part in self.key:
+            if not isinstance(value, Mapping) or value.get(part) is None:
+                return None
+            value = value[part]
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str | int | float):
+            return str(value)[:200]
+        return None
+
+    def describe_key(self) -> str:
+        return "payload." + ".".join(self.key) if self.key else "(none)"
+
+
+def _batch(raw: Any, where: str) -> Batch:
+    example = '{"key": "{{ payload.thread_id }}", "window": "15 minutes", "items": 10}'
+    if not isinstance(raw, Mapping):
+        raise DefinitionError(f"batch of {where} must be an object, e.g. {example}")
+    extra = set(raw) - set(BATCH_SETTINGS)
+    if extra:
+        raise DefinitionError(f"batch of {where} has no setting {', '.join(sorted(extra))}")
+    window = raw.get("window")
+    match = BATCH_WINDOW.fullmatch(window) if isinstance(window, str) else None
+    seconds = int(match[1]) * UNITS[match[2] + "s"] if match else 0
+    if not 1 <= seconds <= MAX_BATCH_WINDOW:
+        raise DefinitionError(
+            f"window of the batch of {where} must be a time from 1 second to 7 days, "
+            f'like "15 minutes", not {window!r}'
+        )
+    key: tuple[str, ...] | None = None
+    if "key" in raw:
+        found = BATCH_KEY.fullmatch(raw["key"]) if isinstance(raw["key"], str) else None
+        if found is None:
+            raise DefinitionError(
+                f"key of the batch of {where} must name a payload field, not {raw['key']!r}"
+            )
+        key = tuple((found[1] or found[2]).split("."))
+    items = raw.get("items", 10)
+    if isinstance(items, bool) or not isinstance(items, int) or not 1 <= items <= 100:
+        raise DefinitionError(f"items of the batch of {where} must be an integer from 1 to 100")
+    return Batch(float(seconds), key, items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +150,7 @@ class Step:
     otherwise: str = "next"
     cancel_if: Check | None = None
     reason: str | None = None  # stop
+    batch: Batch | None = None  # send: fold this step's sends in a window
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +241,7 @@ def _step(raw: Mapping[str, Any], index: int) -> Step:
             priority=priority,
             category=raw.get("category"),
             cancel_if=cancel_if,
+            batch=_batch(raw["batch"], where) if "batch" in raw else None,
         )
     if kind == "delay":
         if "until" in raw:
@@ -416,6 +492,12 @@ def decide(
 def payload_for(step: Step, run_payload: Mapping[str, Any]) -> dict[str, Any]:
     """The notification's payload: the run's, with the step's overrides on top."""
     return {**run_payload, **step.overrides}
+
+
+def batch_scope(workflow: Workflow, step: Step) -> str:
+    """What a batched step's window is named by, beside the channel, recipient and key: sends of
+    one step of one workflow fold together, never with another step's."""
+    return f"workflow:{workflow.name}:{step.name}"
 
 
 def send_key(run_id: int, step: str) -> str:

@@ -3,7 +3,8 @@
 The worker's own claim and complete statements (pgnotify_worker.adapters.queries), run directly
 from one connection against a backlog of webhook rows, with one piece changed per variant:
 the status NOTIFY as shipped (a statement trigger, schema 0023) or as 0018's row trigger or off,
-the audit event left out of the complete, the console's list indexes (0020) dropped, and claim
+the claim as the function pgnotify.claim() (0023) or as the prepared statement before it, the
+audit event left out of the complete, the console's list indexes (0020) dropped, and claim
 batches of other sizes. Measured: the backend's CPU time per notification (from /proc) and the
 wall time per notification. Variants alternate within each round, so drift on a shared host hits
 them all; medians of the rounds are printed.
@@ -54,6 +55,34 @@ CONSOLE_INDEXES = {
     "notifications_category_id_idx": "(category, id) WHERE category IS NOT NULL",
     "notifications_recipient_idx": "(recipient, id)",
 }
+# the prepared statement the worker ran before pgnotify.claim() (schema 0023)
+CLAIM_BEFORE_0023 = """
+WITH ready AS (
+    SELECT id FROM pgnotify.notifications
+    WHERE status = 'queued' AND channel = $1 AND run_at <= now()
+      AND ($5::timestamptz IS NULL OR created_at > $5)
+      AND NOT EXISTS (SELECT 1 FROM pgnotify.paused_channels p WHERE p.channel = $1)
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE pgnotify.notifications n
+    SET status = 'processing', attempts = n.attempts + 1, locked_by = $3,
+        locked_until = now() + make_interval(secs => $4), updated_at = now()
+    FROM ready WHERE n.id = ready.id
+    RETURNING n.id, n.uid::text AS uid, n.channel, n.recipient, n.user_id, n.category,
+           n.template, n.subject, n.body, n.html_body, n.locale, n.payload::text AS payload,
+           n.priority, n.attempts, n.max_attempts,
+           extract(epoch FROM n.created_at)::float8 AS created_at, n.run_at,
+           extract(epoch FROM n.expires_at)::float8 AS expires_at, n.digest_of, n.traceparent
+)
+SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body,
+       locale, payload, priority, attempts, max_attempts, created_at, expires_at, digest_of,
+       traceparent, now() AS claimed_at
+FROM claimed
+ORDER BY priority DESC, run_at, id
+"""
+
 # the complete statement without its audit event (the `logged` CTE)
 COMPLETE_NO_EVENT = queries.COMPLETE.split("), logged AS (")[0] + ")\nSELECT id FROM done"
 
@@ -65,6 +94,7 @@ class Variant:
     teardown: list[str] = field(default_factory=list)
     batch: int = 50
     complete: str = queries.COMPLETE
+    claim: str = queries.CLAIM
 
 
 def variants() -> list[Variant]:
@@ -81,6 +111,17 @@ def variants() -> list[Variant]:
                 on,
             ],
         ),
+        Variant("claim as a prepared statement (before 0023)", claim=CLAIM_BEFORE_0023),
+        Variant(
+            "both as before 0023 (row trigger, prepared claim)",
+            [off, ROW_TRIGGER_0018],
+            [
+                "DROP TRIGGER bench_status_changed ON pgnotify.notifications",
+                "DROP FUNCTION pgnotify.bench_status_changed()",
+                on,
+            ],
+            claim=CLAIM_BEFORE_0023,
+        ),
         Variant("no status NOTIFY", [off], [on]),
         Variant("no audit event", complete=COMPLETE_NO_EVENT),
         Variant(
@@ -90,6 +131,17 @@ def variants() -> list[Variant]:
         ),
         Variant("claim batches of 12", batch=12),
         Variant("claim batches of 25", batch=25),
+        Variant(
+            "claim batches of 25, as before 0023",
+            [off, ROW_TRIGGER_0018],
+            [
+                "DROP TRIGGER bench_status_changed ON pgnotify.notifications",
+                "DROP FUNCTION pgnotify.bench_status_changed()",
+                on,
+            ],
+            batch=25,
+            claim=CLAIM_BEFORE_0023,
+        ),
     ]
 
 
@@ -115,7 +167,7 @@ async def drain(conn: asyncpg.Connection, v: Variant) -> tuple[int, float, float
     """Claim and complete (sent) until nothing is ready; CPU and wall µs per notification."""
     pid = await conn.fetchval("SELECT pg_backend_pid()")
     cpu0, t0, done = backend_cpu(pid), time.perf_counter(), 0
-    while rows := await conn.fetch(queries.CLAIM, "webhook", v.batch, "bench", 60.0, None):
+    while rows := await conn.fetch(v.claim, "webhook", v.batch, "bench", 60.0, None):
         k = len(rows)
         await conn.fetch(
             v.complete,

@@ -5,7 +5,8 @@
 --   roles are managed elsewhere) and then runs SELECT pgnotify.apply_grants(), as the NOTICE and
 --   docs/sql-api.md say, got none of the grants of 0007..0025: the worker then failed at run time
 --   (claim(), destinations, provider_limits, channel_health, workflows, ...).
---   1. pgnotify.role_grants: one row per (role, object, columns) with the privileges to grant.
+--   1. pgnotify.role_grants: one row per (role, object, columns) with the privileges to grant;
+--      object is 'pgnotify.name' (a routine with its argument types), or 'pgnotify' for SCHEMA.
 --      It holds every GRANT of migrations 0007..0025 (pgnotify_scaler's of 0014 included);
 --      `since` names the migration that introduced the grant.
 --   2. apply_grants(), from its newest definition (0006), keeps its base grants and its REVOKE
@@ -35,7 +36,7 @@ END IF;
 CREATE TABLE pgnotify.role_grants (
     role       text NOT NULL CHECK (role ~ '^pgnotify_[a-z_]+$'),
     kind       text NOT NULL CHECK (kind IN ('TABLE', 'SEQUENCE', 'FUNCTION', 'PROCEDURE', 'SCHEMA')),
-    object     text NOT NULL,
+    object     text NOT NULL CHECK (kind = 'SCHEMA' OR object LIKE 'pgnotify.%'),
     columns    text[] NOT NULL DEFAULT '{}' CHECK (columns = '{}' OR kind = 'TABLE'),
     privileges text[] NOT NULL CHECK (cardinality(privileges) > 0 AND privileges <@
                    ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'USAGE', 'EXECUTE']),

@@ -5,6 +5,7 @@ nothing, connect with asyncpg and do what their role allows, and nothing else.""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -670,13 +671,22 @@ WHERE grantee = 0 OR grantee::regrole::text = ANY($1::text[])
 
 
 async def privileges_of(conn: asyncpg.Connection) -> set[tuple[object, ...]]:
-    return {tuple(row) for row in await conn.fetch(PRIVILEGES, list(ROLES))}
+    """PRIVILEGES as a set; the daily partitions of events named alike (a migration just after
+    midnight UTC makes another day's)."""
+    return {
+        (row[0], re.sub(r"events_p\d{8}", "events_pYYYYMMDD", row[1]), *tuple(row)[2:])
+        for row in await conn.fetch(PRIVILEGES, list(ROLES))
+    }
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[TempCluster]:
-    """A throwaway cluster: roles are cluster-wide, and this test drops and creates the groups."""
-    cluster = TempCluster().start()
+    """A throwaway cluster: roles are cluster-wide, and this test creates the groups."""
+    try:
+        cluster = TempCluster()
+    except RuntimeError as exc:  # no server binaries here (PGNOTIFY_TEST_DSN set)
+        pytest.skip(str(exc))
+    cluster.start()
     try:
         yield cluster
     finally:

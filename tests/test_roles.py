@@ -5,8 +5,10 @@ nothing, connect with asyncpg and do what their role allows, and nothing else.""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -16,6 +18,7 @@ from pgnotify_worker import SCHEMA_VERSION
 from pgnotify_worker.adapters import migrate
 from tests import conftest
 from tests.support.db import wait_rows
+from tests.support.pgcluster import TempCluster
 from tests.support.roles import LoginAs
 from tests.support.webhooks import WebhookSink
 from tests.support.worker import running
@@ -629,3 +632,175 @@ async def test_producers_trigger_and_cancel_runs_and_the_worker_role_evaluates_t
         )
         == 1
     )
+
+
+# Every privilege held on an object of schema pgnotify by a role of ROLES or by PUBLIC: tables,
+# views, sequences (pg_class), their columns (pg_attribute), routines (pg_proc, NULL = PUBLIC may
+# execute), the schema itself, and default privileges (pg_default_acl).
+ROLES = ("pgnotify_producer", "pgnotify_worker", "pgnotify_admin", "pgnotify_scaler")
+PRIVILEGES = """
+WITH acl (kind, object, grantee, grantor, privilege, grantable) AS (
+    SELECT 'relation ' || c.relkind::text, c.oid::regclass::text, a.grantee, a.grantor,
+           a.privilege_type, a.is_grantable
+    FROM pg_class c, aclexplode(c.relacl) a
+    WHERE c.relnamespace = 'pgnotify'::regnamespace
+    UNION ALL
+    SELECT 'column', c.oid::regclass::text || '.' || quote_ident(att.attname), a.grantee,
+           a.grantor, a.privilege_type, a.is_grantable
+    FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid, aclexplode(att.attacl) a
+    WHERE c.relnamespace = 'pgnotify'::regnamespace AND att.attnum > 0 AND NOT att.attisdropped
+    UNION ALL
+    SELECT 'routine', p.oid::regprocedure::text, a.grantee, a.grantor, a.privilege_type,
+           a.is_grantable
+    FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+    WHERE p.pronamespace = 'pgnotify'::regnamespace
+    UNION ALL
+    SELECT 'schema', n.nspname, a.grantee, a.grantor, a.privilege_type, a.is_grantable
+    FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'pgnotify'
+    UNION ALL
+    SELECT 'default ' || d.defaclobjtype::text, coalesce(d.defaclnamespace::regnamespace::text, '*'),
+           a.grantee, a.grantor, a.privilege_type, a.is_grantable
+    FROM pg_default_acl d, aclexplode(d.defaclacl) a
+)
+SELECT kind, object,
+       CASE WHEN grantee = 0 THEN 'PUBLIC' ELSE grantee::regrole::text END AS grantee,
+       grantor::regrole::text AS grantor, privilege, grantable
+FROM acl
+WHERE grantee = 0 OR grantee::regrole::text = ANY($1::text[])
+"""
+
+
+async def privileges_of(conn: asyncpg.Connection) -> set[tuple[object, ...]]:
+    """PRIVILEGES as a set; the daily partitions of events named alike (a migration just after
+    midnight UTC makes another day's)."""
+    return {
+        (row[0], re.sub(r"events_p\d{8}", "events_pYYYYMMDD", row[1]), *tuple(row)[2:])
+        for row in await conn.fetch(PRIVILEGES, list(ROLES))
+    }
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[TempCluster]:
+    """A throwaway cluster: roles are cluster-wide, and this test creates the groups."""
+    try:
+        cluster = TempCluster()
+    except RuntimeError as exc:  # no server binaries here (PGNOTIFY_TEST_DSN set)
+        pytest.skip(str(exc))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+async def test_roles_created_after_migrating_get_every_grant_from_apply_grants(
+    own_cluster: TempCluster,
+) -> None:
+    """Schema 0026: an operator who migrates first (as an owner without CREATEROLE), creates the
+    roles afterwards and runs SELECT pgnotify.apply_grants() ends with exactly the privileges of
+    a database migrated with the roles present: every grant of 0007.. included, so the worker
+    role can claim and the scaler can read the backlog."""
+    from pgnotify_worker.adapters import queries
+
+    superuser = await asyncpg.connect(own_cluster.dsn())
+    owner = "pgn_owner"
+    try:
+        await superuser.execute(f"CREATE ROLE {owner} LOGIN NOCREATEROLE")
+        for database in ("with_roles", "roles_later"):
+            await superuser.execute(f"CREATE DATABASE {database} OWNER {owner}")
+        dsn = own_cluster.dsn("{}").replace("postgres@", f"{owner}@", 1)
+
+        # 1. migrated before any role exists (the migration can create none)
+        later = await asyncpg.connect(dsn.format("roles_later"))
+        try:
+            assert await migrate.migrate(later) == list(range(1, SCHEMA_VERSION + 1))
+            assert await privileges_of(later) == set()  # not even PUBLIC
+        finally:
+            await later.close()
+
+        # 2. an admin creates the roles, as the migration's NOTICE says
+        for role in ROLES:
+            await superuser.execute(f"CREATE ROLE {role} NOLOGIN")
+
+        # 3. the normal path: migrated with the roles present
+        normal = await asyncpg.connect(dsn.format("with_roles"))
+        try:
+            assert await migrate.migrate(normal) == list(range(1, SCHEMA_VERSION + 1))
+            expected = await privileges_of(normal)
+        finally:
+            await normal.close()
+
+        # 4. the schema owner runs apply_grants() in the database migrated without the roles
+        later = await asyncpg.connect(dsn.format("roles_later"))
+        try:
+            await later.execute("SELECT pgnotify.apply_grants()")
+            got = await privileges_of(later)
+            await later.execute("SELECT pgnotify.apply_grants()")  # idempotent
+            assert await privileges_of(later) == got
+        finally:
+            await later.close()
+
+        assert sorted(expected - got, key=str) == []  # what the late roles would lack
+        assert sorted(got - expected, key=str) == []  # and what they would have too much
+        assert {(r[2], r[0]) for r in got} >= {
+            ("pgnotify_worker", "routine"),
+            ("pgnotify_worker", "column"),
+            ("pgnotify_worker", "relation S"),
+            ("pgnotify_producer", "column"),
+            ("pgnotify_scaler", "schema"),
+        }
+
+        # what the worker and the autoscaler run, as login roles of the late database
+        await superuser.execute("CREATE ROLE pgn_w LOGIN IN ROLE pgnotify_worker")
+        await superuser.execute("CREATE ROLE pgn_k LOGIN IN ROLE pgnotify_scaler")
+        worker = await asyncpg.connect(dsn.format("roles_later").replace(owner, "pgn_w", 1))
+        try:
+            await worker.fetch(queries.CLAIM, "email", 10, "w", 30.0, None)
+            await worker.fetch(queries.DESTINATIONS)
+            await worker.fetch(queries.WF_CLAIM, None, 5)
+        finally:
+            await worker.close()
+        scaler = await asyncpg.connect(dsn.format("roles_later").replace(owner, "pgn_k", 1))
+        try:
+            assert await scaler.fetchval("SELECT ready FROM pgnotify.sendable_backlog") == 0
+            await denied(scaler, "SELECT count(*) FROM pgnotify.notifications")
+        finally:
+            await scaler.close()
+    finally:
+        await superuser.close()
+
+
+async def test_a_later_migration_extends_apply_grants_with_a_row(conn: asyncpg.Connection) -> None:
+    """Schema 0026: a row in pgnotify.role_grants is granted by apply_grants() (quoted through
+    regclass, column lists included); a row naming an object that is gone is a clear error."""
+    await conn.execute(
+        'CREATE TABLE pgnotify."Odd name" (id int, note text);'
+        "INSERT INTO pgnotify.role_grants (since, role, kind, object, columns, privileges) VALUES "
+        "(99, 'pgnotify_worker', 'TABLE', 'pgnotify.\"Odd name\"', '{}', '{SELECT,INSERT}'),"
+        "(99, 'pgnotify_producer', 'TABLE', 'pgnotify.\"Odd name\"', '{note}', '{UPDATE}'),"
+        "(99, 'pgnotify_nobody', 'TABLE', 'pgnotify.\"Odd name\"', '{}', '{DELETE}')"
+    )
+    await conn.execute("SELECT pgnotify.apply_grants()")
+    table = 'pgnotify."Odd name"'
+    checks = [
+        ("pgnotify_worker", "SELECT, INSERT", True),
+        ("pgnotify_worker", "UPDATE", False),
+        ("pgnotify_producer", "SELECT", False),
+    ]
+    for role, privilege, allowed in checks:
+        held = await conn.fetchval("SELECT has_table_privilege($1, $2, $3)", role, table, privilege)
+        assert held is allowed, (role, privilege)
+    assert await conn.fetchval(
+        "SELECT has_column_privilege('pgnotify_producer', $1, 'note', 'UPDATE')", table
+    )
+    assert not await conn.fetchval(
+        "SELECT has_column_privilege('pgnotify_producer', $1, 'id', 'UPDATE')", table
+    )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO pgnotify.role_grants (since, role, kind, object, privileges) "
+            "VALUES (99, 'pgnotify_worker', 'TABLE', 'pgnotify.x', '{ALL}')"
+        )
+    await conn.execute('DROP TABLE pgnotify."Odd name"')
+    with pytest.raises(asyncpg.RaiseError, match=r'names TABLE pgnotify\."Odd name", which does'):
+        await conn.execute("SELECT pgnotify.apply_grants()")

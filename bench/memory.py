@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from bench.run import DURABLE, SECRET, machine, rss_mb, sink_count, wait_http
+from bench.run import DURABLE, SECRET, cpu_seconds, machine, rss_mb, sink_count, wait_http
 from pgnotify_worker.adapters import migrate
 from tests.support.pgcluster import TempCluster, free_port
 
@@ -43,6 +43,7 @@ class Run:
     peak_anon_mb: float = 0.0
     threads: int = 0  # most threads seen during the drain
     per_second: float = 0.0
+    worker_us: float = 0.0  # worker CPU per notification during the drain
     samples: list[tuple[int, float]] = field(default_factory=list)  # (delivered, RSS MB)
 
 
@@ -110,6 +111,7 @@ async def one_run(
         run.anon_mb = rollup.get("Anonymous", 0.0)
         run.file_mb = rollup.get("Rss", 0.0) - run.anon_mb
         async with aiohttp.ClientSession() as http:
+            cpu = cpu_seconds([worker.pid])
             await insert(conn, f"http://127.0.0.1:{sink_port}/hook", rows)
             started = time.monotonic()
             run.peak_mb, last_sample, count = run.idle_mb, 0.0, 0
@@ -126,6 +128,7 @@ async def one_run(
                         last_sample = time.monotonic()
                     await asyncio.sleep(0.1)
             run.per_second = rows / (time.monotonic() - started)
+            run.worker_us = 1e6 * (cpu_seconds([worker.pid]) - cpu) / rows
             await asyncio.sleep(3)
             run.after_mb = rss_mb(worker.pid)
     finally:
@@ -175,10 +178,12 @@ def report(results: list[Run], rows: int, extra: dict[str, str]) -> str:
         f"{len(results)} run(s), a fresh process each, {rows:,}-row drain"
         + (f"; env {' '.join(f'{k}={v}' for k, v in extra.items())}" if extra else ""),
         "",
-        "| idle MB | anon / file MB | peak under the drain MB | 3 s after MB | drain /s |",
-        "|---:|---|---:|---:|---:|",
+        "| idle MB | anon / file MB | peak under the drain MB | 3 s after MB | drain /s "
+        "| worker CPU µs/notification |",
+        "|---:|---|---:|---:|---:|---:|",
         f"| {med('idle_mb'):.1f} | {med('anon_mb'):.1f} / {med('file_mb'):.1f} "
-        f"| {med('peak_mb'):.1f} | {med('after_mb'):.1f} | {med('per_second'):,.0f} |",
+        f"| {med('peak_mb'):.1f} | {med('after_mb'):.1f} | {med('per_second'):,.0f} "
+        f"| {med('worker_us'):.0f} |",
     ]
     samples = [s for r in results for s in r.samples]
     if samples:

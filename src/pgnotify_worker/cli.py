@@ -100,7 +100,12 @@ GC_GEN0 = 10_000
 # glibc's own default mmap threshold: blocks this large come from mmap and go back when freed.
 MMAP_THRESHOLD = 128 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+MALLOC_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+)
 
 
 def fixed_mmap_threshold() -> bool:
@@ -115,6 +120,7 @@ def fixed_mmap_threshold() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # musl has no mallopt to speak of
         return False
+
 
 TRY_ARGS = (
     "enqueue --channel email --to ada@example.com --subject 'Hello {{ name }}' "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from pgnotify_worker.adapters.providers.email_common import (
     format_sender,
@@ -20,7 +20,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     parse_sender,
     unsubscribe_headers,
 )
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
 from pgnotify_worker.ports import Provider
@@ -178,7 +178,7 @@ def classify_smtp(code: int, message: str) -> Outcome:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class SmtpSettings(BaseModel):
+class SmtpSettings(ProviderSettings):
     """smtp settings (PGNOTIFY_SMTP_*)."""
 
     smtp_host: str | None = Field(None, description="SMTP server host.")

@@ -169,7 +169,8 @@ async def bench(
             r = results[-1]
             print(
                 f"run {i + 1}: idle {r.idle_mb:.1f} MB (anon {r.anon_mb:.1f}, file {r.file_mb:.1f})"
-                f", peak {r.peak_mb:.1f} (anon {r.peak_anon_mb:.1f}, {r.threads} threads), after {r.after_mb:.1f}, {r.per_second:,.0f}/s",
+                f", peak {r.peak_mb:.1f} (anon {r.peak_anon_mb:.1f}, {r.threads} threads)"
+                f", after {r.after_mb:.1f}, {r.per_second:,.0f}/s, {r.worker_us:.0f} µs CPU each",
                 flush=True,
             )
         await conn.close()

@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -97,30 +96,6 @@ def _short(path: Path) -> str:
 # Allocations between gen-0 collections in a running worker (Python's default is 700: under a
 # drain that was a collection every ~2 notifications).
 GC_GEN0 = 10_000
-# glibc's own default mmap threshold: blocks this large come from mmap and go back when freed.
-MMAP_THRESHOLD = 128 * 1024
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-MALLOC_ENV = (
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-    "GLIBC_TUNABLES",
-)
-
-
-def fixed_mmap_threshold() -> bool:
-    """Keep glibc's mmap threshold at its default. By itself glibc raises it to the size of each
-    large block freed (up to 32 MB), after which large buffers come from the heap and stay
-    resident once freed: a worker's RSS crept up ~5 MB over a drain. A threshold set with
-    mallopt stays put. Not on glibc, or when the environment tunes malloc itself: left alone."""
-    if sys.platform != "linux" or any(name in os.environ for name in MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # musl has no mallopt to speak of
-        return False
-
 
 TRY_ARGS = (
     "enqueue --channel email --to ada@example.com --subject 'Hello {{ name }}' "
@@ -230,7 +205,6 @@ def cmd_run(settings: Settings) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_GEN0, 20, 20)
-        fixed_mmap_threshold()
         asyncio.run(service.run())
     return 0
 

@@ -46,7 +46,8 @@ class CoreSettings(BaseSettings):
     The README table is generated from these descriptions."""
 
     # defer_build: only the composed Settings below is ever validated, so this class's own
-    # validator (every shared field again, ~1 MB resident) is never built.
+    # validator (every shared field again) is never built; with the providers' settings
+    # deferred too, 0.3-0.4 MB less resident (bench/results/memory.md).
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         extra="ignore",

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class ProviderSettings(BaseModel):
     """Base of a provider's settings. Its fields are validated as part of the whole Settings
     (config.Settings inherits them all), so the class's own validator is built only if something
-    else is validated with it (defer_build: ~0.2 MB resident per provider otherwise)."""
+    else is validated with it (defer_build; bench/results/memory.md)."""
 
     model_config = ConfigDict(defer_build=True)
 

@@ -115,7 +115,7 @@ $(BENCH_STAMP): $(DEV) pyproject.toml
 	$(PIP) -e '.[dev,embedded,tracing,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench and pgqueuer beside us, provider clients, the producer's INSERT
+bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench and pgqueuer beside us, provider clients, the producer's INSERT, the worker's RSS
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.pgqueuer_compare
 	$(BIN)/python -m bench.providers
@@ -131,6 +131,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.console
 	$(BIN)/python -m bench.batch
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.memory
 
 bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us too); they never fail on a time
 	$(BIN)/python -m bench.run --smoke
@@ -148,6 +149,7 @@ bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us
 	$(BIN)/python -m bench.console --smoke
 	$(BIN)/python -m bench.batch --smoke
 	$(BIN)/python -m bench.scale --smoke
+	$(BIN)/python -m bench.memory --smoke
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -42,6 +42,7 @@ from pgnotify_worker.delivery.limits import SharedLimits
 from pgnotify_worker.delivery.templates import TemplateStore
 from pgnotify_worker.delivery.worker import Health, Worker, WorkerSettings
 from pgnotify_worker.errors import ConfigError
+from pgnotify_worker.heap import trim_loop
 from pgnotify_worker.models import ListenerState, Wake
 from pgnotify_worker.tracing import Tracing
 
@@ -313,7 +314,11 @@ class Service:
                 worker.stop()
 
             destinations = self.destinations
-            background = [lambda: destinations.watch(s.queue_metrics_interval), self._modes_loop]
+            background = [
+                lambda: destinations.watch(s.queue_metrics_interval),
+                self._modes_loop,
+                trim_loop,  # freed heap pages back to the OS: RSS stays flat under load
+            ]
             flows = WorkflowRunner(
                 pool,
                 self.worker_id,

@@ -4,28 +4,49 @@ they go: when the SDK and the OTLP/HTTP exporter are installed (the `otlp` extra
 them) and OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or OTEL_TRACES_EXPORTER asks for it, the worker sets
 up the SDK from the standard OTEL_* variables itself (configure_sdk); a provider set up already
 (`opentelemetry-instrument pgnotify-worker run`, tests) is kept. Without the API installed, or
-with PGNOTIFY_TRACING=false, every call here is a no-op."""
+with PGNOTIFY_TRACING=false, every call here is a no-op. The API itself is imported only when
+something can use it (an OTEL_* variable is set, or a tracer provider's code imported it): a
+worker that traces nothing does not keep it resident."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, MutableMapping
+from types import ModuleType
 from typing import Any
 
 from pgnotify_worker import __version__
 from pgnotify_worker.models import Notification
 
-try:
-    from opentelemetry import propagate, trace
-except ImportError:  # the tracing extra is not installed
-    propagate = None  # type: ignore[assignment]
-    trace = None  # type: ignore[assignment]
-
-
 log = logging.getLogger("pgnotify_worker.tracing")
 _configured: str | None = None
+API = "opentelemetry.trace"
+
+
+def installed() -> bool:
+    """Is the OpenTelemetry API installed (the tracing extra)? Found without importing it."""
+    if API in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(API) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _trace() -> ModuleType:
+    from opentelemetry import trace  # noqa: PLC0415 - see the module docstring
+
+    return trace
+
+
+def _propagate() -> ModuleType:
+    from opentelemetry import propagate  # noqa: PLC0415
+
+    return propagate
 
 
 def _exporters(env: Mapping[str, str]) -> list[str]:
@@ -51,8 +72,9 @@ def configure_sdk(env: Mapping[str, str] | None = None) -> str | None:
     if _configured is not None:
         return _configured
     names = _exporters(env)
-    if trace is None or not names or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if not names or env.get("OTEL_SDK_DISABLED", "").lower() == "true" or not installed():
         return None
+    trace = _trace()
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return None  # opentelemetry-instrument or the embedding application configured one
     try:  # the SDK is imported only when export is asked for (start-up time, optional extra)
@@ -108,10 +130,12 @@ _live = False
 def live() -> bool:
     """Has a real tracer provider been set (the SDK, opentelemetry-instrument, a test)? Until
     then every span is a no-op that still cost ~4 % of a drain's CPU to open and close; once set,
-    a provider stays set."""
+    a provider stays set. Setting one imports the API, so until then nothing is imported here."""
     global _live  # noqa: PLW0603 - the provider is process-wide
-    if not _live and trace is not None:
-        _live = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    if not _live:
+        trace = sys.modules.get(API)
+        if trace is not None:
+            _live = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
     return _live
 
 
@@ -119,12 +143,20 @@ class Tracing:
     """The worker's spans; a no-op when disabled or when OpenTelemetry is absent."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled and trace is not None
+        self.enabled = enabled and installed()
+        self._tracer: Any = None
         if self.enabled:
             configure_sdk()
-        self._tracer: Any = (
-            trace.get_tracer("pgnotify-worker", __version__) if self.enabled else None
-        )
+            if any(name.startswith("OTEL_") for name in os.environ):
+                # OTEL_PYTHON_TRACER_PROVIDER and friends take effect when the API is first
+                # asked for a tracer: ask now, as the worker always did at start
+                self.tracer()
+
+    def tracer(self) -> Any:
+        """The API's tracer for the worker (imports the API)."""
+        if self._tracer is None:
+            self._tracer = _trace().get_tracer("pgnotify-worker", __version__)
+        return self._tracer
 
     @property
     def active(self) -> bool:
@@ -137,8 +169,10 @@ class Tracing:
         if not self.active:
             yield None
             return
-        with self._tracer.start_as_current_span(
-            "pgnotify.claim", kind=trace.SpanKind.CONSUMER, attributes={"pgnotify.channel": channel}
+        with self.tracer().start_as_current_span(
+            "pgnotify.claim",
+            kind=_trace().SpanKind.CONSUMER,
+            attributes={"pgnotify.channel": channel},
         ) as span:
             yield span
 
@@ -148,11 +182,11 @@ class Tracing:
         if not self.active:
             yield None
             return
-        parent = propagate.extract({"traceparent": n.traceparent}) if n.traceparent else None
-        with self._tracer.start_as_current_span(
+        parent = _propagate().extract({"traceparent": n.traceparent}) if n.traceparent else None
+        with self.tracer().start_as_current_span(
             "pgnotify.send",
             context=parent,
-            kind=trace.SpanKind.PRODUCER,
+            kind=_trace().SpanKind.PRODUCER,
             attributes={
                 "pgnotify.notification_id": n.id,
                 "pgnotify.channel": n.channel,
@@ -172,5 +206,5 @@ class Tracing:
 
 def inject(headers: MutableMapping[str, str]) -> None:
     """Add the current span's traceparent to outgoing headers (webhooks), when tracing."""
-    if propagate is not None and live():
-        propagate.inject(headers)
+    if live():
+        _propagate().inject(headers)

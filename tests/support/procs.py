@@ -14,8 +14,9 @@ from typing import Any
 class WorkerProcess:
     """One worker subprocess; waits on log actions (ready, listener_connected) instead of sleeping."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], module: str = "pgnotify_worker") -> None:
         self.env = {**os.environ, "PGNOTIFY_LOG_FORMAT": "json", **env}
+        self.module = module  # what `python -m` runs (tests.support.module_probe wraps the CLI)
         self.proc: asyncio.subprocess.Process | None = None
         self.logs: list[dict[str, Any]] = []
         self.stdout: list[str] = []
@@ -26,7 +27,7 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "pgnotify_worker",
+            self.module,
             *(args or ("run",)),
             env=self.env,
             stdout=asyncio.subprocess.PIPE,

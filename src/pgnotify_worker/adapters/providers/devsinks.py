@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from pgnotify_worker.adapters.providers.spec import NoSettings, ProviderSpec
+from pgnotify_worker.adapters.providers.spec import NoSettings, ProviderSettings, ProviderSpec
 from pgnotify_worker.core.redact import mask_recipient
 from pgnotify_worker.models import Outcome, RenderedMessage, Sent
 
@@ -84,7 +84,7 @@ class FileProvider:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class FileSinkSettings(BaseModel):
+class FileSinkSettings(ProviderSettings):
     """The file dev sink's settings."""
 
     file_sink_path: Path = Field(

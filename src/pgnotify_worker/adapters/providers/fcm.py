@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from pgnotify_worker.adapters.providers import http
 from pgnotify_worker.adapters.providers.google_auth import (
@@ -18,7 +18,7 @@ from pgnotify_worker.adapters.providers.google_auth import (
     ServiceAccount,
     TokenSource,
 )
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError, TokenError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
@@ -171,7 +171,7 @@ def classify_fcm(
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class FcmSettings(BaseModel):
+class FcmSettings(ProviderSettings):
     """fcm settings (PGNOTIFY_FCM_*)."""
 
     fcm_service_account: SecretStr | None = Field(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from pgnotify_worker.adapters.inbound import (
     BadRequest,
@@ -26,7 +26,7 @@ from pgnotify_worker.adapters.providers.email_common import (
     unsubscribe_headers,
     whole_or_each,
 )
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.core import signing
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
 from pgnotify_worker.errors import ProviderConfigError
@@ -273,7 +273,7 @@ def _inbound(cfg: ResendSettings) -> Endpoint | None:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class ResendSettings(BaseModel):
+class ResendSettings(ProviderSettings):
     """resend settings (PGNOTIFY_RESEND_*)."""
 
     resend_api_key: SecretStr | None = Field(None, description="Resend API key (re_...).")

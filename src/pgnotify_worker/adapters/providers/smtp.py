@@ -9,10 +9,9 @@ import ssl
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import aiosmtplib
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from pgnotify_worker.adapters.providers.email_common import (
     format_sender,
@@ -20,10 +19,13 @@ from pgnotify_worker.adapters.providers.email_common import (
     parse_sender,
     unsubscribe_headers,
 )
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.errors import ProviderConfigError
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage, Retryable, Sent
 from pgnotify_worker.ports import Provider
+
+if TYPE_CHECKING:  # imported where a message is sent: a worker without SMTP does not load it
+    import aiosmtplib
 
 Security = Literal["starttls", "tls", "none"]
 
@@ -92,6 +94,8 @@ class SmtpProvider:
         return email
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        import aiosmtplib  # noqa: PLC0415 - see the import above
+
         client = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
@@ -106,6 +110,8 @@ class SmtpProvider:
         return client
 
     async def send(self, message: RenderedMessage) -> Outcome:
+        import aiosmtplib  # noqa: PLC0415 - see the import above
+
         problem = missing_content(message)
         if problem:
             return problem
@@ -154,6 +160,8 @@ class SmtpProvider:
 async def _quit(client: aiosmtplib.SMTP | None) -> None:
     if client is None:
         return
+    import aiosmtplib  # noqa: PLC0415 - see the import above
+
     try:
         await client.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
@@ -178,7 +186,7 @@ def classify_smtp(code: int, message: str) -> Outcome:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class SmtpSettings(BaseModel):
+class SmtpSettings(ProviderSettings):
     """smtp settings (PGNOTIFY_SMTP_*)."""
 
     smtp_host: str | None = Field(None, description="SMTP server host.")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from pgnotify_worker.ports import Provider
 
@@ -18,7 +18,15 @@ if TYPE_CHECKING:
     from pgnotify_worker.config import CoreSettings
 
 
-class NoSettings(BaseModel):
+class ProviderSettings(BaseModel):
+    """Base of a provider's settings. Its fields are validated as part of the whole Settings
+    (config.Settings inherits them all), so the class's own validator is built only if something
+    else is validated with it (defer_build; bench/results/memory.md)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class NoSettings(ProviderSettings):
     """A provider without settings of its own."""
 
 
@@ -45,16 +53,22 @@ class ProviderSpec(Generic[S]):
     dev_sink: bool = False  # console/file: used only when the user chose them
     inbound: Callable[[S], Endpoint | None] | None = None  # its delivery-report endpoint
 
+    def own(self, settings: Any) -> S:
+        """Its settings out of the full settings: config.Settings is already one (it subclasses
+        every provider's settings, validated), anything else is validated field by field."""
+        if isinstance(settings, self.settings):
+            return settings  # what model_validate returns for an instance, without building it
+        return self.settings.model_validate(settings, from_attributes=True)
+
     def endpoint(self, settings: Any) -> Endpoint | None:
         """Its report endpoint, when it has one and it is configured."""
         if self.inbound is None:
             return None
-        return self.inbound(self.settings.model_validate(settings, from_attributes=True))
+        return self.inbound(self.own(settings))
 
     def create(self, settings: Any, context: Context) -> Provider:
         """Build the provider from the full settings (its own fields are read from them)."""
-        own = self.settings.model_validate(settings, from_attributes=True)
-        return self.build(own, context)
+        return self.build(self.own(settings), context)
 
 
 def reveal(value: SecretStr | None) -> str | None:

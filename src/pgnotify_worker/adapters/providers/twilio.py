@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from pgnotify_worker.adapters.inbound import (
     Endpoint,
@@ -16,7 +16,7 @@ from pgnotify_worker.adapters.inbound import (
     clean_text,
 )
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.core import signing
 from pgnotify_worker.core.addresses import to_e164
 from pgnotify_worker.core.classify import RETRYABLE_STATUS, classify_http, retry_after_from
@@ -186,7 +186,7 @@ def _inbound(cfg: TwilioSettings) -> Endpoint | None:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class TwilioSettings(BaseModel):
+class TwilioSettings(ProviderSettings):
     """twilio settings (PGNOTIFY_TWILIO_*)."""
 
     twilio_account_sid: str | None = Field(None, description="Twilio Account SID (AC...).")

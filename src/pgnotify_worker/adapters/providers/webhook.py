@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 from yarl import URL
 
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.core import netguard, signing
 from pgnotify_worker.errors import ProviderConfigError, TargetBlocked
 from pgnotify_worker.models import Outcome, Permanent, RenderedMessage
@@ -228,7 +228,7 @@ class WebhookProvider:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class WebhookSettings(BaseModel):
+class WebhookSettings(ProviderSettings):
     """webhook settings (PGNOTIFY_WEBHOOK_*)."""
 
     webhook_secret: SecretStr | None = Field(

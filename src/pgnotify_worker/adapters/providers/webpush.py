@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import aiohttp
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 from yarl import URL
 
 from pgnotify_worker.adapters.providers import http
-from pgnotify_worker.adapters.providers.spec import Context, ProviderSpec, reveal
+from pgnotify_worker.adapters.providers.spec import Context, ProviderSettings, ProviderSpec, reveal
 from pgnotify_worker.adapters.providers.webhook import (
     guarded_session,
     literal_refusal,
@@ -145,7 +145,7 @@ class WebPushProvider:
 # --- settings and construction (read by the registry and the settings table) -------------------
 
 
-class WebPushSettings(BaseModel):
+class WebPushSettings(ProviderSettings):
     """webpush settings (PGNOTIFY_WEBPUSH_*)."""
 
     webpush_vapid_private_key: SecretStr | None = Field(

@@ -456,10 +456,10 @@ async def test_the_process_cap_answers_429_with_retry_after_until_a_stream_close
 
             text = await scrape_until(
                 feed,
-                lambda t: sample(
-                    t, "pgnotify_inbox_streams_refused_total", '{reason="process_limit"}'
-                )
-                == 2,
+                lambda t: (
+                    sample(t, "pgnotify_inbox_streams_refused_total", '{reason="process_limit"}')
+                    == 2
+                ),
             )
             assert opened(text) == 2
 

@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert s.providers_for("webhook") == ["webhook"]
     assert s.providers_for("inapp") == ["inapp"]
     assert s.worker_id
+    assert (s.inbox_max_streams_per_user, s.inbox_max_streams) == (8, 10_000)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +130,9 @@ def test_overrides_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("PGNOTIFY_LOG_LEVEL", "chatty"),
         ("PGNOTIFY_CONCURRENCY", "0"),
         ("PGNOTIFY_LEASE_SECONDS", "-1"),
+        ("PGNOTIFY_INBOX_MAX_STREAMS", "0"),
+        ("PGNOTIFY_INBOX_MAX_STREAMS_PER_USER", "0"),
+        ("PGNOTIFY_INBOX_MAX_STREAMS_PER_USER", "many"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_variable(
@@ -198,6 +202,7 @@ def test_several_problems_are_reported_together(monkeypatch: pytest.MonkeyPatch)
     [
         ({"retry_base_seconds": 10.0, "retry_max_seconds": 5.0}, "retry_max_seconds"),
         ({"pool_min_size": 5, "pool_max_size": 2}, "pool_min_size"),
+        ({"inbox_max_streams": 4, "inbox_max_streams_per_user": 5}, "inbox_max_streams_per_user"),
     ],
 )
 def test_inconsistent_settings_are_refused(overrides: dict[str, float], fragment: str) -> None:

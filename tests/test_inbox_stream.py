@@ -1,13 +1,15 @@
 """The inbox live feed (server-sent events): delivery within 100 ms of the commit, replay from
-Last-Event-ID, heartbeats, the end of a stream when its token expires, one user's events only."""
+Last-Event-ID, heartbeats, the end of a stream when its token expires, one user's events only;
+its metrics, the per-user cap (the oldest stream closes) and the per-process cap (429)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,3 +309,165 @@ async def test_the_worker_serves_the_feed_end_to_end_and_a_stop_ends_its_streams
                 await reader.next(timeout=10)
         assert time.perf_counter() - started < 5
         response.close()
+        # the worker's own registry (its /metrics is gone with the stop): counted as a stop
+        text = service.metrics.render().decode()
+        assert closed(text, "server_stopping") == 1
+        assert sample(text, "pgnotify_inbox_streams_opened_total") == 1
+        assert opened(text) == 0
+
+
+# --- metrics and stream limits -------------------------------------------------------------------
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    """One sample of a /metrics scrape (0 when absent)."""
+    found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def scrape_until(feed: Served, done: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """GET /metrics until `done` holds (a closed client is noticed at the next write: the
+    0.3 s heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with feed.http.get(feed.url + "/metrics") as r:
+            text = await r.text()
+        if done(text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/metrics never got there:\n{text}")
+        await asyncio.sleep(0.05)
+
+
+def opened(text: str) -> float:
+    return sample(text, "pgnotify_inbox_streams_open")
+
+
+def closed(text: str, reason: str) -> float:
+    return sample(text, "pgnotify_inbox_streams_closed_total", f'{{reason="{reason}"}}')
+
+
+async def test_the_open_streams_gauge_rises_and_falls_and_closes_are_counted_by_reason(
+    feed: Served, conn: asyncpg.Connection
+) -> None:
+    ada = [await open_stream(feed, "ada") for _ in range(2)]
+    bob = await open_stream(feed, "bob")
+    readers = [Reader(r) for r in (*ada, bob)]
+    try:
+        for reader in readers:
+            await reader.until("counts")
+        text = await scrape_until(feed, lambda t: opened(t) == 3)
+        assert sample(text, "pgnotify_inbox_streams_opened_total") == 3
+        assert closed(text, "client_closed") == 0
+
+        await inbox.add(conn, "ada", "for both tabs")
+        for reader in readers[:2]:
+            assert (await reader.until("message")).data["title"] == "for both tabs"
+        await scrape_until(feed, lambda t: sample(t, "pgnotify_inbox_messages_pushed_total") == 2)
+
+        bob.close()
+        text = await scrape_until(feed, lambda t: opened(t) == 2)
+        assert closed(text, "client_closed") == 1
+
+        expiring = await open_stream(feed, "carol", token=feed.token("carol", ttl=2))
+        await Reader(expiring).until("expired", timeout=5)
+        text = await scrape_until(feed, lambda t: closed(t, "token_expired") == 1)
+        assert opened(text) == 2
+        assert sample(text, "pgnotify_inbox_streams_opened_total") == 4
+        expiring.close()
+
+        for response in ada:
+            response.close()
+        text = await scrape_until(feed, lambda t: opened(t) == 0)
+        assert closed(text, "client_closed") == 3
+        assert feed.hub.streams == 0 and not feed.hub.groups
+        assert "user_id" not in text and "ada" not in text  # no user label, ever
+    finally:
+        for response in (*ada, bob):
+            response.close()
+
+
+async def test_one_stream_over_a_users_cap_closes_that_users_oldest_stream_only(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    await inbox.prepare(conn)
+    async with inbox.serve(dsn, heartbeat=0.3, max_streams_per_user=2) as feed:
+        await inbox.ready(feed)
+        tabs = [await open_stream(feed, "ada") for _ in range(2)]
+        bob = await open_stream(feed, "bob")
+        try:
+            readers = [Reader(r) for r in (*tabs, bob)]
+            for reader in readers:
+                await reader.until("counts")
+            newest = await open_stream(feed, "ada")  # a third tab: 200, not a refusal
+            tabs.append(newest)
+            readers.insert(2, Reader(newest))
+            await readers[2].until("counts")
+
+            ended = await readers[0].until("closed")
+            assert ended.data["limit"] == "PGNOTIFY_INBOX_MAX_STREAMS_PER_USER"
+            assert "the oldest one is closed" in ended.data["reason"]
+            with pytest.raises(EOFError):
+                await readers[0].next()
+
+            await inbox.add(conn, "ada", "to the two newest")
+            await inbox.add(conn, "bob", "to bob")
+            for reader in readers[1:3]:
+                assert (await reader.until("message")).data["title"] == "to the two newest"
+            assert (await readers[3].until("message")).data["title"] == "to bob"
+            text = await scrape_until(feed, lambda t: closed(t, "user_limit") == 1)
+            assert opened(text) == 3
+            assert sample(text, "pgnotify_inbox_streams_opened_total") == 4
+            assert feed.hub.streams == 3 and len(feed.hub.groups["ada"].streams) == 2
+        finally:
+            for response in (*tabs, bob):
+                response.close()
+
+
+async def test_the_process_cap_answers_429_with_retry_after_until_a_stream_closes(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    await inbox.prepare(conn)
+    async with inbox.serve(dsn, heartbeat=0.3, max_streams=2, max_streams_per_user=1) as feed:
+        await inbox.ready(feed)
+        ada = await open_stream(feed, "ada")
+        bob = await open_stream(feed, "bob")
+        opened_here = [ada, bob]
+        try:
+            for response in (ada, bob):
+                await Reader(response).until("counts")
+            for how in ("query", "header"):  # EventSource's ?token= and a bearer header alike
+                params = {"token": feed.token("carol")} if how == "query" else {}
+                headers = feed.auth("carol") if how == "header" else {}
+                async with feed.http.get(
+                    feed.url + "/inbox/stream", params=params, headers=headers
+                ) as r:
+                    assert r.status == 429
+                    assert r.headers["Retry-After"] == "10"
+                    assert r.headers["Content-Type"].startswith("application/json")
+                    body = await r.json()
+                    assert set(body) == {"error"}
+                    assert "PGNOTIFY_INBOX_MAX_STREAMS" in body["error"]
+            # a full process still takes a user's new tab in place of their own oldest
+            again = await open_stream(feed, "ada")
+            opened_here.append(again)
+            assert (await Reader(ada).until("closed")).event == "closed"
+            await Reader(again).until("counts")
+
+            text = await scrape_until(
+                feed,
+                lambda t: (
+                    sample(t, "pgnotify_inbox_streams_refused_total", '{reason="process_limit"}')
+                    == 2
+                ),
+            )
+            assert opened(text) == 2
+
+            bob.close()
+            await scrape_until(feed, lambda t: opened(t) == 1)
+            carol = await open_stream(feed, "carol")
+            opened_here.append(carol)
+            assert (await Reader(carol).until("counts")).data["total"] == 0
+        finally:
+            for response in opened_here:
+                response.close()

@@ -72,7 +72,14 @@ async function load() {
 function listen() {
   const stream = new EventSource(`${api}/inbox/stream?token=${encodeURIComponent(token)}`);
   stream.onopen = () => { state.textContent = "live"; };
-  stream.onerror = () => { state.textContent = "reconnecting…"; };
+  stream.onerror = () => {
+    if (stream.readyState === EventSource.CLOSED) { // refused (429 at the server's cap, 503)
+      state.textContent = "offline: retrying in 10 s";
+      setTimeout(listen, 10000);
+    } else {
+      state.textContent = "reconnecting…"; // the browser retries on its own
+    }
+  };
   stream.addEventListener("message", (e) => { // a new or changed message
     const m = JSON.parse(e.data);
     byId.set(m.id, m);

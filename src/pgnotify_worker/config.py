@@ -300,6 +300,21 @@ class CoreSettings(BaseSettings):
         description="Origins (https://app.example.com) whose pages may call the app-facing APIs "
         "from the browser (CORS). Empty: same-origin and server-to-server only.",
     )
+    inbox_max_streams_per_user: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="Open /inbox/stream connections one user may hold in this process; one more "
+        "closes that user's oldest stream (a closed event, then the browser reconnects and "
+        "replays), so the newest tab always gets a live feed.",
+    )
+    inbox_max_streams: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Open /inbox/stream connections this process serves in all; past it a new "
+        "stream gets 429 with Retry-After (another replica may take it).",
+    )
     # --- admin console (/console/) --------------------------------------------------------------
     console_admin_password: SecretStr | None = Field(
         None,
@@ -484,6 +499,8 @@ class CoreSettings(BaseSettings):
             raise ValueError("retry_max_seconds must not be below retry_base_seconds")
         if self.pool_min_size > self.pool_max_size:
             raise ValueError("pool_min_size must not exceed pool_max_size")
+        if self.inbox_max_streams_per_user > self.inbox_max_streams:
+            raise ValueError("inbox_max_streams_per_user must not exceed inbox_max_streams")
         if self.worker_id is None:
             self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return self

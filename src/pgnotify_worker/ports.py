@@ -253,3 +253,20 @@ class WorkflowMetrics(Protocol):
 
     def workflow_step(self, kind: str, outcome: str) -> None:
         """A step recorded."""
+
+
+class InboxMetrics(Protocol):
+    """What the inbox feed reports (adapters.metrics.Metrics)."""
+
+    def inbox_stream_opened(self) -> None:
+        """A stream answered 200 and started."""
+
+    def inbox_stream_closed(self, reason: str) -> None:
+        """An opened stream ended: client_closed, token_expired, user_limit, server_stopping,
+        slow_client."""
+
+    def inbox_stream_refused(self, reason: str) -> None:
+        """A stream request was refused: process_limit, unavailable, server_stopping."""
+
+    def inbox_messages(self, count: int) -> None:
+        """`count` message events were written to one stream."""

@@ -178,6 +178,9 @@ class Service:
                 audience=s.app_token_audience,
                 cors_origins=s.app_cors_origins,
                 connect_timeout=s.connect_timeout,
+                max_streams=s.inbox_max_streams,
+                max_streams_per_user=s.inbox_max_streams_per_user,
+                metrics=self.metrics,
             )
             preferences = PreferenceCentre(
                 lambda: self.store,

@@ -14,7 +14,8 @@ import aiohttp
 import asyncpg
 
 from pgnotify_worker.adapters import db, http_server
-from pgnotify_worker.adapters.inbox_http import FeedHub, InboxApi
+from pgnotify_worker.adapters.inbox_http import MAX_STREAMS, MAX_STREAMS_PER_USER, FeedHub, InboxApi
+from pgnotify_worker.adapters.metrics import Metrics
 from pgnotify_worker.core import app_tokens
 
 SECRET = b"inbox-test-secret-0123456789abcdef"
@@ -29,6 +30,7 @@ class Served:
     hub: FeedHub
     pool: asyncpg.Pool
     http: aiohttp.ClientSession
+    metrics: Metrics
 
     def token(self, user_id: str, ttl: int = 900, **claims: Any) -> str:
         """A user token as the app's backend signs it."""
@@ -55,10 +57,14 @@ async def serve(
     heartbeat: float = 15.0,
     clock: Callable[[], float] = time.time,
     audience: str | None = None,
+    max_streams: int = MAX_STREAMS,
+    max_streams_per_user: int = MAX_STREAMS_PER_USER,
 ) -> AsyncIterator[Served]:
-    """The worker's HTTP app with the inbox routes, on a free port, until the block ends."""
+    """The worker's HTTP app with the inbox routes and /metrics, on a free port, until the
+    block ends."""
     pool = await db.create_pool(dsn, min_size=1, max_size=5)
-    hub = FeedHub(dsn)
+    hub = FeedHub(dsn, max_streams=max_streams, max_streams_per_user=max_streams_per_user)
+    metrics = Metrics("w-inbox-test")
     api = InboxApi(
         SECRET,
         lambda: pool,
@@ -67,12 +73,13 @@ async def serve(
         heartbeat=heartbeat,
         clock=clock,
         audience=audience,
+        metrics=metrics,
     )
-    app = http_server.make_app(_nothing, _ready, lambda: b"", (api.routes,))
+    app = http_server.make_app(_nothing, _ready, metrics.render, (api.routes,))
     runner, port = await http_server.start(app, "127.0.0.1", 0)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     try:
-        yield Served(f"http://127.0.0.1:{port}", api, hub, pool, http)
+        yield Served(f"http://127.0.0.1:{port}", api, hub, pool, http, metrics)
     finally:
         await http.close()
         await runner.cleanup()

@@ -9,7 +9,8 @@ of server-sent events, authenticated by the app's user tokens (core.app_tokens).
 Every statement is scoped to the token's `sub`: a token never reaches another user's rows. The
 stream alone also accepts `?token=` (EventSource cannot send headers). One LISTEN pgnotify_inbox
 connection per process feeds every open stream: a batch of NOTIFYs costs one query for the rows
-and one for the counts, whatever the number of streams, and each event is encoded once per user."""
+and one for the counts, whatever the number of streams, and each event is encoded once per user.
+Streams are capped per user (one more closes that user's oldest) and per process (429)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pgnotify_worker.adapters.db import DB_ERRORS, DB_UNAVAILABLE, translated
 from pgnotify_worker.core import app_tokens
 from pgnotify_worker.core.backoff import Backoff
 from pgnotify_worker.errors import AppTokenError, StoreUnavailable
+from pgnotify_worker.ports import InboxMetrics
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ MAX_IDS = 1000
 REPLAY_LIMIT = 500  # a reconnect that missed more gets a `reset` event: refetch the list
 HEARTBEAT_SECONDS = 15.0
 STREAM_QUEUE = 256  # events waiting for one slow client; past it the stream ends (it reconnects)
+MAX_STREAMS = 10_000  # open streams per process (PGNOTIFY_INBOX_MAX_STREAMS)
+MAX_STREAMS_PER_USER = 8  # per user and process (PGNOTIFY_INBOX_MAX_STREAMS_PER_USER)
+RETRY_AFTER = 10  # seconds a stream refused at the process cap is told to wait
 CHALLENGE = 'Bearer realm="pgnotify inbox"'
 ARCHIVED = ("false", "true", "any")
 PAGES = {
@@ -214,7 +219,7 @@ class InboxStore:
 
 # --- the live feed -------------------------------------------------------------------------------
 
-CLOSE = b""  # queued to a stream: end it now (shutdown)
+Item = tuple[int, bytes, int]  # (seq or 0, encoded events, how many `message` events in them)
 
 
 @dataclass(eq=False, slots=True)
@@ -223,12 +228,13 @@ class Stream:
     than an asyncio.Queue (three deques and an Event): thousands of idle streams add up."""
 
     user_id: str
-    items: list[tuple[int, bytes]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     waiter: asyncio.Future[None] | None = None
     sent: set[int] = field(default_factory=set)  # seqs replayed: not written twice
     overflowed: bool = False
+    ended: str | None = None  # why the hub ended it (user_limit, server_stopping)
 
-    def put(self, item: tuple[int, bytes], *, force: bool = False) -> None:
+    def put(self, item: Item, *, force: bool = False) -> None:
         """Queue an event; past STREAM_QUEUE the client is too slow and the stream ends."""
         if force:
             self.items.clear()
@@ -239,7 +245,12 @@ class Stream:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self) -> tuple[int, bytes]:
+    def end(self, reason: str, last: bytes = b"") -> None:
+        """End the stream now: `last` (if any) is the final write, nothing queued goes out."""
+        self.ended = reason
+        self.put((0, last, 0), force=True)
+
+    async def get(self) -> Item:
         """The next event, waiting for one."""
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
@@ -252,9 +263,10 @@ class Stream:
 
 @dataclass(eq=False, slots=True)
 class Group:
-    """The streams of one user and how far the feed has read that user's rows."""
+    """The streams of one user, oldest first (a dict keeps the order), and how far the feed has
+    read that user's rows."""
 
-    streams: set[Stream] = field(default_factory=set)
+    streams: dict[Stream, None] = field(default_factory=dict)
     seq: int = 0
 
 
@@ -273,8 +285,20 @@ class FeedHub:
     prepared once (a pooled connection's first use cost tens of milliseconds), never waiting
     for the delivery work's pool."""
 
-    def __init__(self, dsn: str, *, connect_timeout: float = 10.0, batch_limit: int = 100) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        connect_timeout: float = 10.0,
+        batch_limit: int = 100,
+        max_streams: int = MAX_STREAMS,
+        max_streams_per_user: int = MAX_STREAMS_PER_USER,
+    ) -> None:
         self.dsn = dsn
+        self.max_streams = max_streams
+        self.max_streams_per_user = max_streams_per_user
+        self.open = 0  # streams subscribed now (every group's, kept as they come and go)
+        self.stopping = False
         self.conn: asyncpg.Connection | None = None
         self.connect_timeout = connect_timeout
         self.batch_limit = batch_limit
@@ -287,31 +311,59 @@ class FeedHub:
     @property
     def streams(self) -> int:
         """Open streams."""
-        return sum(len(g.streams) for g in self.groups.values())
+        return self.open
 
-    def subscribe(self, user_id: str, position: int) -> Stream:
-        """A stream of `user_id`; the user's feed starts at `position` if it is new."""
+    def admits(self, user_id: str) -> bool:
+        """Would subscribe() take a stream of `user_id` now? (Under the process cap, or the
+        user is at their own cap, so their oldest stream makes room.)"""
+        group = self.groups.get(user_id)
+        at_user_cap = group is not None and len(group.streams) >= self.max_streams_per_user
+        return self.open < self.max_streams or at_user_cap
+
+    def subscribe(self, user_id: str, position: int) -> Stream | None:
+        """A stream of `user_id`; the user's feed starts at `position` if it is new. At the
+        user's cap their oldest stream ends (a `closed` event) to make room; at the process cap
+        None (the caller answers 429)."""
+        group = self.groups.get(user_id)
+        if group is not None:
+            while len(group.streams) >= self.max_streams_per_user:
+                oldest = next(iter(group.streams))
+                self.unsubscribe(oldest)
+                oldest.end("user_limit", sse("closed", self.evicted_reason()))
+        if self.open >= self.max_streams:
+            return None
         group = self.groups.get(user_id)
         if group is None:
             group = self.groups[user_id] = Group(seq=position)
         stream = Stream(user_id)
-        group.streams.add(stream)
+        group.streams[stream] = None
+        self.open += 1
         return stream
 
+    def evicted_reason(self) -> dict[str, object]:
+        """The data of the `closed` event of a stream ended for a newer one of its user."""
+        return {
+            "reason": f"this user opened more than {self.max_streams_per_user} streams "
+            "(PGNOTIFY_INBOX_MAX_STREAMS_PER_USER): the oldest one is closed",
+            "limit": "PGNOTIFY_INBOX_MAX_STREAMS_PER_USER",
+        }
+
     def unsubscribe(self, stream: Stream) -> None:
-        """Forget a closed stream (and its user's group when it was the last)."""
+        """Forget a closed stream (and its user's group when it was the last); idempotent."""
         group = self.groups.get(stream.user_id)
-        if group is None:
+        if group is None or stream not in group.streams:
             return
-        group.streams.discard(stream)
+        del group.streams[stream]
+        self.open -= 1
         if not group.streams:
             del self.groups[stream.user_id]
 
     def close_all(self) -> None:
         """Shutdown: every stream ends now (clients reconnect to another replica)."""
+        self.stopping = True
         for group in self.groups.values():
             for stream in group.streams:
-                stream.put((0, CLOSE), force=True)
+                stream.end("server_stopping")
 
     def on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         """asyncpg's callback: keep notices of users with open streams."""
@@ -431,13 +483,16 @@ class FeedHub:
             if group is None:
                 continue
             rows = found.get(user_id, [])
-            events = [(row["seq"], sse("message", message(row), row["seq"])) for row in rows]
+            events: list[Item] = [
+                (row["seq"], sse("message", message(row), row["seq"]), 1) for row in rows
+            ]
             if len(rows) >= self.batch_limit:
-                events.append((0, sse("reset", {"reason": "many changes: fetch the list again"})))
+                reset = sse("reset", {"reason": "many changes: fetch the list again"})
+                events.append((0, reset, 0))
             if rows:
                 group.seq = max(group.seq, *(row["seq"] for row in rows))
-            events.append((0, sse("counts", counts(tallies.get(user_id)))))
-            joined = (0, b"".join(data for _seq, data in events))  # one write per stream
+            events.append((0, sse("counts", counts(tallies.get(user_id))), 0))
+            joined = (0, b"".join(data for _seq, data, _n in events), len(rows))  # one write
             for stream in list(group.streams):
                 if stream.sent:  # just replayed: let the writer drop what the replay sent
                     for item in events:
@@ -464,6 +519,22 @@ def _int(value: str | None, name: str, low: int, high: int, default: int) -> int
     return int(value)
 
 
+class NoMetrics:
+    """InboxMetrics that record nothing (no registry given)."""
+
+    def inbox_stream_opened(self) -> None:
+        """Nothing."""
+
+    def inbox_stream_closed(self, reason: str) -> None:
+        """Nothing."""
+
+    def inbox_stream_refused(self, reason: str) -> None:
+        """Nothing."""
+
+    def inbox_messages(self, count: int) -> None:
+        """Nothing."""
+
+
 class InboxApi:
     """The routes, the token check and CORS; `pool` is a callable (the pool comes up later)."""
 
@@ -478,8 +549,10 @@ class InboxApi:
         cors_origins: Sequence[str] = (),
         heartbeat: float = HEARTBEAT_SECONDS,
         clock: Callable[[], float] = time.time,
+        metrics: InboxMetrics | None = None,
     ) -> None:
         self.secret = secret
+        self.metrics: InboxMetrics = metrics if metrics is not None else NoMetrics()
         self.pool = pool
         self.hub = hub
         self.max_lifetime = max_lifetime
@@ -689,19 +762,42 @@ class InboxApi:
             after = _int(last, "Last-Event-ID", 0, NO_ID, -1) if last else None
         except BadRequest as exc:
             return _json_error(400, str(exc))
+        if self.hub.stopping:
+            self.metrics.inbox_stream_refused("server_stopping")
+            return _json_error(503, "this server is stopping: connect again", {"Retry-After": "1"})
+        if not self.hub.admits(user.user_id):  # before any query: a refusal costs nothing
+            return self._full()
         try:
             store = self._store()
             start = await store.latest_seq(user.user_id)
         except DB_ERRORS as exc:
+            self.metrics.inbox_stream_refused("unavailable")
             return self._unavailable(exc)
         # subscribe, then replay from the client's position (or from `start`: a row committed
         # before the subscription took effect is in the replay); a row both the replay and the
         # live feed carry is written once (stream.sent)
         feed = self.hub.subscribe(user.user_id, start)
+        if feed is None:
+            return self._full()
         try:
             return await self._serve(request, store, feed, user, start if after is None else after)
         finally:
             self.hub.unsubscribe(feed)
+
+    def _full(self) -> web.Response:
+        """429: the process serves PGNOTIFY_INBOX_MAX_STREAMS streams already."""
+        self.metrics.inbox_stream_refused("process_limit")
+        log.warning(
+            "inbox stream refused: %s streams open (PGNOTIFY_INBOX_MAX_STREAMS)",
+            self.hub.max_streams,
+            extra={"action": "inbox_stream_refused"},
+        )
+        return _json_error(
+            429,
+            f"this server has {self.hub.max_streams} open streams, its limit "
+            f"(PGNOTIFY_INBOX_MAX_STREAMS): try again in {RETRY_AFTER} s",
+            {"Retry-After": str(RETRY_AFTER)},
+        )
 
     async def _serve(
         self,
@@ -712,6 +808,7 @@ class InboxApi:
         after: int,
     ) -> web.StreamResponse:
         first: list[bytes] = [b"retry: 2000\n\n"]
+        replayed = 0
         try:
             rows = await store.since(user.user_id, after, REPLAY_LIMIT + 1)
             if len(rows) > REPLAY_LIMIT:
@@ -720,32 +817,51 @@ class InboxApi:
                 for row in rows:
                     feed.sent.add(row["seq"])
                     first.append(sse("message", message(row), row["seq"]))
+                replayed = len(rows)
             first.append(sse("counts", counts(await store.counts(user.user_id))))
         except DB_ERRORS as exc:
+            self.metrics.inbox_stream_refused("unavailable")
             return self._unavailable(exc)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
+        self.metrics.inbox_stream_opened()
+        reason = "client_closed"  # unless the loop learns better: a failed write, a cancel
         try:
             await response.write(b"".join(first))
+            if replayed:
+                self.metrics.inbox_messages(replayed)
             while True:
                 left = user.expires_at - self.clock()
                 if left <= 0:
                     await response.write(sse("expired", {"reason": "token expired: reconnect"}))
+                    reason = "token_expired"
                     break
                 try:
                     async with asyncio.timeout(min(self.heartbeat, left)):
-                        seq, data = await feed.get()
+                        seq, data, pushed = await feed.get()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     feed.sent.clear()  # replay duplicates arrive right after the replay
                     continue
-                if not data or feed.overflowed:
+                if feed.ended is not None:
+                    if data:
+                        await response.write(data)  # the `closed` event of an evicted stream
+                    reason = feed.ended
+                    break
+                if feed.overflowed:
+                    reason = "slow_client"
                     break
                 if seq and seq in feed.sent:
                     continue  # the replay wrote it
                 await response.write(data)
+                if pushed:
+                    self.metrics.inbox_messages(pushed)
         except (ConnectionResetError, ConnectionError):
             pass  # the client went away
+        finally:
+            if reason == "client_closed" and self.hub.stopping:
+                reason = "server_stopping"  # cancelled by the shutdown
+            self.metrics.inbox_stream_closed(reason)
         return response
 
 
@@ -758,6 +874,9 @@ def inbox_routes(
     audience: str | None,
     cors_origins: Sequence[str],
     connect_timeout: float = 10.0,
+    max_streams: int = MAX_STREAMS,
+    max_streams_per_user: int = MAX_STREAMS_PER_USER,
+    metrics: InboxMetrics | None = None,
 ) -> Callable[[web.Application], None]:
     """The route adder for make_app: the inbox API and its feed, or nothing while no token
     secret is set (the paths answer 404)."""
@@ -766,9 +885,15 @@ def inbox_routes(
     api = InboxApi(
         secret,
         pool,
-        FeedHub(dsn, connect_timeout=connect_timeout),
+        FeedHub(
+            dsn,
+            connect_timeout=connect_timeout,
+            max_streams=max_streams,
+            max_streams_per_user=max_streams_per_user,
+        ),
         max_lifetime=max_lifetime,
         audience=audience,
         cors_origins=cors_origins,
+        metrics=metrics,
     )
     return api.routes

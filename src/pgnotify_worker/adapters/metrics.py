@@ -50,6 +50,19 @@ E2E_BUCKETS = (
 QUEUE_STATES = ("ready", "scheduled", "processing", "retrying", "dead", "failed", "held")
 # Running workflow runs: due now, waiting for a delay, waiting for a send's notification to settle.
 WORKFLOW_STATES = ("due", "delayed", "waiting_send")
+# Why an inbox stream (GET /inbox/stream) ended, and why one was refused before it opened.
+INBOX_CLOSE_REASONS = (
+    "client_closed",  # the client went away (or its connection broke)
+    "token_expired",  # its token ran out (an `expired` event, then the end)
+    "user_limit",  # the user opened one more than PGNOTIFY_INBOX_MAX_STREAMS_PER_USER
+    "server_stopping",  # SIGTERM: every stream ends at once
+    "slow_client",  # it left STREAM_QUEUE events unread
+)
+INBOX_REFUSE_REASONS = (
+    "process_limit",  # 429: PGNOTIFY_INBOX_MAX_STREAMS streams open already
+    "unavailable",  # 503: the database did not answer the stream's first queries
+    "server_stopping",  # 503: the process is shutting down
+)
 
 
 class Metrics:
@@ -255,6 +268,42 @@ class Metrics:
             registry=r,
         )
 
+        # The inbox feed (GET /inbox/stream). No user label: reasons are a fixed set; per user,
+        # nothing (a user's streams are bounded by PGNOTIFY_INBOX_MAX_STREAMS_PER_USER).
+        self.inbox_streams_open = Gauge(
+            "pgnotify_inbox_streams_open",
+            "Inbox event streams (GET /inbox/stream) open in this process.",
+            registry=r,
+        )
+        self.inbox_streams_opened = Counter(
+            "pgnotify_inbox_streams_opened",
+            "Inbox event streams this process opened (answered 200 and started).",
+            registry=r,
+        )
+        self.inbox_streams_closed = Counter(
+            "pgnotify_inbox_streams_closed",
+            "Inbox event streams that ended, by reason (client_closed, token_expired, user_limit: "
+            "the user's oldest stream, closed for a new one, server_stopping, slow_client).",
+            ["reason"],
+            registry=r,
+        )
+        self.inbox_streams_refused = Counter(
+            "pgnotify_inbox_streams_refused",
+            "Inbox stream requests refused before they opened, by reason (process_limit: 429 "
+            "at PGNOTIFY_INBOX_MAX_STREAMS, unavailable: 503 database, server_stopping: 503).",
+            ["reason"],
+            registry=r,
+        )
+        self.inbox_messages_pushed = Counter(
+            "pgnotify_inbox_messages_pushed",
+            "Inbox message events written to open streams (live and replayed; one per stream).",
+            registry=r,
+        )
+        for reason in INBOX_CLOSE_REASONS:
+            self.inbox_streams_closed.labels(reason)
+        for reason in INBOX_REFUSE_REASONS:
+            self.inbox_streams_refused.labels(reason)
+
     def destinations(self, disabled: int, paused: int) -> None:
         """The destination gauges (refreshed with the destinations table)."""
         self.destinations_disabled.set(disabled)
@@ -365,3 +414,23 @@ class Metrics:
     def workflow_step(self, kind: str, outcome: str) -> None:
         """A step recorded (committed) by this worker."""
         self.child(self.workflow_steps, kind, outcome).inc()
+
+    # --- what the inbox feed reports (ports.InboxMetrics) --------------------------------------
+
+    def inbox_stream_opened(self) -> None:
+        """A stream answered 200 and started."""
+        self.inbox_streams_opened.inc()
+        self.inbox_streams_open.inc()
+
+    def inbox_stream_closed(self, reason: str) -> None:
+        """An opened stream ended (once per opened stream)."""
+        self.child(self.inbox_streams_closed, reason).inc()
+        self.inbox_streams_open.dec()
+
+    def inbox_stream_refused(self, reason: str) -> None:
+        """A stream request was refused before it opened."""
+        self.child(self.inbox_streams_refused, reason).inc()
+
+    def inbox_messages(self, count: int) -> None:
+        """`count` message events were written to one stream."""
+        self.inbox_messages_pushed.inc(count)

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support import inbox
 from tests.support.inbox import Served
+from tests.support.scrape import scrape_until
 
 
 @dataclass
@@ -325,18 +326,10 @@ def sample(text: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def scrape_until(feed: Served, done: Callable[[str], bool], timeout: float = 10.0) -> str:
-    """GET /metrics until `done` holds (a closed client is noticed at the next write: the
+async def metrics_until(feed: Served, done: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """The feed's /metrics once `done` holds (a closed client is noticed at the next write: the
     0.3 s heartbeat)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        async with feed.http.get(feed.url + "/metrics") as r:
-            text = await r.text()
-        if done(text):
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/metrics never got there:\n{text}")
-        await asyncio.sleep(0.05)
+    return await scrape_until(feed.http, feed.url + "/metrics", done, timeout)
 
 
 def opened(text: str) -> float:
@@ -356,29 +349,29 @@ async def test_the_open_streams_gauge_rises_and_falls_and_closes_are_counted_by_
     try:
         for reader in readers:
             await reader.until("counts")
-        text = await scrape_until(feed, lambda t: opened(t) == 3)
+        text = await metrics_until(feed, lambda t: opened(t) == 3)
         assert sample(text, "pgnotify_inbox_streams_opened_total") == 3
         assert closed(text, "client_closed") == 0
 
         await inbox.add(conn, "ada", "for both tabs")
         for reader in readers[:2]:
             assert (await reader.until("message")).data["title"] == "for both tabs"
-        await scrape_until(feed, lambda t: sample(t, "pgnotify_inbox_messages_pushed_total") == 2)
+        await metrics_until(feed, lambda t: sample(t, "pgnotify_inbox_messages_pushed_total") == 2)
 
         bob.close()
-        text = await scrape_until(feed, lambda t: opened(t) == 2)
+        text = await metrics_until(feed, lambda t: opened(t) == 2)
         assert closed(text, "client_closed") == 1
 
         expiring = await open_stream(feed, "carol", token=feed.token("carol", ttl=2))
         await Reader(expiring).until("expired", timeout=5)
-        text = await scrape_until(feed, lambda t: closed(t, "token_expired") == 1)
+        text = await metrics_until(feed, lambda t: closed(t, "token_expired") == 1)
         assert opened(text) == 2
         assert sample(text, "pgnotify_inbox_streams_opened_total") == 4
         expiring.close()
 
         for response in ada:
             response.close()
-        text = await scrape_until(feed, lambda t: opened(t) == 0)
+        text = await metrics_until(feed, lambda t: opened(t) == 0)
         assert closed(text, "client_closed") == 3
         assert feed.hub.streams == 0 and not feed.hub.groups
         assert "user_id" not in text and "ada" not in text  # no user label, ever
@@ -415,7 +408,7 @@ async def test_one_stream_over_a_users_cap_closes_that_users_oldest_stream_only(
             for reader in readers[1:3]:
                 assert (await reader.until("message")).data["title"] == "to the two newest"
             assert (await readers[3].until("message")).data["title"] == "to bob"
-            text = await scrape_until(feed, lambda t: closed(t, "user_limit") == 1)
+            text = await metrics_until(feed, lambda t: closed(t, "user_limit") == 1)
             assert opened(text) == 3
             assert sample(text, "pgnotify_inbox_streams_opened_total") == 4
             assert feed.hub.streams == 3 and len(feed.hub.groups["ada"].streams) == 2
@@ -454,7 +447,7 @@ async def test_the_process_cap_answers_429_with_retry_after_until_a_stream_close
             assert (await Reader(ada).until("closed")).event == "closed"
             await Reader(again).until("counts")
 
-            text = await scrape_until(
+            text = await metrics_until(
                 feed,
                 lambda t: (
                     sample(t, "pgnotify_inbox_streams_refused_total", '{reason="process_limit"}')
@@ -464,7 +457,7 @@ async def test_the_process_cap_answers_429_with_retry_after_until_a_stream_close
             assert opened(text) == 2
 
             bob.close()
-            await scrape_until(feed, lambda t: opened(t) == 1)
+            await metrics_until(feed, lambda t: opened(t) == 1)
             carol = await open_stream(feed, "carol")
             opened_here.append(carol)
             assert (await Reader(carol).until("counts")).data["total"] == 0

@@ -22,6 +22,7 @@ from pgnotify_worker.config import Settings
 from tests.support.cli import cli
 from tests.support.db import wait_rows
 from tests.support.roles import LoginAs
+from tests.support.scrape import scrape_until
 from tests.support.worker import running
 from tests.test_console import ADMIN, VIEWER, client, log_in
 from tests.test_scale_plans import explain
@@ -32,20 +33,6 @@ from tests.test_workflows import contact, define, settle, trigger
 def sample(text: str, name: str, labels: str = "") -> float | None:
     found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else None
-
-
-async def scrape_until(
-    http: aiohttp.ClientSession, url: str, done: Callable[[str], bool], timeout: float = 15.0
-) -> str:
-    """/metrics until `done` holds (the gauges refresh every queue_metrics_interval)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = await (await http.get(url)).text()
-        if done(text):
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/metrics never got there:\n{text}")
-        await asyncio.sleep(0.1)
 
 
 async def define_each_ending(conn: asyncpg.Connection) -> None:

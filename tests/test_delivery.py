@@ -676,7 +676,11 @@ async def test_graceful_stop_hands_unfinished_sends_back(
     released = await conn.fetch(
         "SELECT notification_id FROM pgnotify.events WHERE event = 'released'"
     )
-    assert sorted(r["notification_id"] for r in released) == ids[:2]
+    # the two cut sends; rows claimed ahead of a free slot (a backlog), if any, never went out
+    # and are handed back with them
+    handed_back = sorted(r["notification_id"] for r in released)
+    assert set(ids[:2]) <= set(handed_back) <= set(ids)
+    assert len(webhook_sink.requests) == 2
 
 
 async def test_an_unusable_listen_url_degrades_to_polling_and_says_so(

@@ -141,6 +141,10 @@ class Dispatcher:
         """Seconds until some provider of the channel may be tried again."""
         return self.failover.blocked_for(channel)
 
+    def rate_limited(self, channel: str) -> bool:
+        """Does a shared rate limit apply to a provider of the channel (Failover.rate_limited)?"""
+        return self.failover.rate_limited(channel)
+
     def sendable(self) -> dict[str, bool]:
         """Per channel: can this worker send it now (a usable provider, not every one paused)?"""
         return {

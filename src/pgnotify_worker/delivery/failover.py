@@ -73,6 +73,13 @@ class Failover:
         now = self.clock()
         return min(free, 1) if any(slot.breaker.allows(now) for slot in slots) else 0
 
+    def rate_limited(self, channel: str) -> bool:
+        """Does a shared rate limit apply to any provider of the channel?"""
+        limits = self.limits
+        return limits is not None and any(
+            limits.limited(slot.name) for slot in self.channels[channel].slots
+        )
+
     def blocked_for(self, channel: str) -> float:
         """Seconds until some provider of the channel may be tried again."""
         now = self.clock()

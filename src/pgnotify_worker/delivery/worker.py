@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,18 +40,44 @@ PROMOTE_BATCH = 1000
 
 @dataclass
 class ChannelState:
-    """Claiming state of one channel in this worker."""
+    """Claiming state of one channel in this worker.
+
+    Under a backlog the claim loop leases up to `limit` rows beyond its free slots (`ahead`):
+    each finishing send starts the next of them at once, so the slots stay full while the
+    claims stay large (one claim of ~limit rows instead of many of limit/4: the database's
+    cost per row falls with the claim's size). Only while the last claim came back full (a
+    backlog: those rows would wait in the table anyway), never for a rate-limited or batching
+    channel or with a paused provider; the rows are leased and renewed like rows in flight,
+    and handed back on shutdown."""
 
     name: str
     limit: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     want_more: bool = False
+    ahead: deque[Notification] = field(default_factory=deque)  # claimed, waiting for a slot
+    backlogged: bool = False  # the last claim came back with every row it asked for
 
     @property
     def refill(self) -> int:
         """Free slots worth a claim while sends are still running (batching under load)."""
         return max(1, self.limit // 4)
+
+    @property
+    def claim_at(self) -> int:
+        """Room worth a claim: a quarter of the slots, half of them under a backlog (larger
+        claims, the slots kept busy by the rows claimed ahead)."""
+        return max(self.refill, self.limit // 2) if self.backlogged else self.refill
+
+    @property
+    def ahead_cap(self) -> int:
+        """Rows this channel may hold claimed beyond its slots now."""
+        return self.limit if self.backlogged else 0
+
+    @property
+    def room(self) -> int:
+        """Rows a claim could take now: free slots plus free places ahead."""
+        return self.limit - self.in_flight + self.ahead_cap - len(self.ahead)
 
 
 @dataclass
@@ -260,6 +287,8 @@ class Worker:
         await asyncio.gather(*self._sends, return_exceptions=True)
 
     async def _release_unfinished(self) -> None:
+        for state in self.channels.values():
+            state.ahead.clear()  # never started: handed back with the rest of `held`
         if not self.held:
             return
         held = list(self.held.items())
@@ -289,11 +318,14 @@ class Worker:
             await self.wakeups.wait(state.name, state.wake)  # NOTIFY, poll, slot, or awake tick
             state.wake.clear()
             while not self._stop.is_set():
+                self._start_ahead(state)
                 free = state.limit - state.in_flight
-                if state.in_flight > 0 and free < state.refill:
+                if state.in_flight > 0 and state.room < state.claim_at:
                     state.want_more = True  # a finishing send wakes us when enough slots free up
                     break
                 take = self.dispatcher.capacity(state.name, free)
+                if take == free and state.ahead_cap and self._may_claim_ahead(state):
+                    take = state.room  # a backlog: lease beyond the free slots (ChannelState)
                 if take == 0:
                     if state.in_flight == 0:
                         # every provider is paused: rows stay queued until a probe may go
@@ -321,7 +353,12 @@ class Worker:
                 await self.dispatcher.give_back(budget, rows)
                 self.metrics.claimed_rows(state.name, len(rows))
                 await self.dispatcher.prepare(rows)
-                self._start_sends(state, rows)
+                state.backlogged = len(rows) == budget.granted
+                if len(rows) > free:
+                    self._start_sends(state, rows[:free])
+                    self._hold_ahead(state, rows[free:])
+                else:
+                    self._start_sends(state, rows)
                 await self.wakeups.claimed(state.name, len(rows))  # after the sends started
                 if len(rows) < budget.granted or take < free:
                     break  # nothing more is ready, or the circuit allows no more
@@ -330,6 +367,30 @@ class Worker:
                     break
             if self._stop.is_set():
                 return
+
+    def _may_claim_ahead(self, state: ChannelState) -> bool:
+        """Claiming ahead keeps a backlog's claims large; not where it would change what goes
+        out when: a rate limit (tokens are paid at the claim) or a batching provider."""
+        if self.batcher is not None and self.batcher.size(state.name) >= 2:
+            return False
+        return not self.dispatcher.rate_limited(state.name)
+
+    def _hold_ahead(self, state: ChannelState, rows: list[Notification]) -> None:
+        """Rows claimed beyond the free slots wait here, leased (renewed, handed back on stop).
+        A row of higher priority than the ones already waiting goes before them (the claim
+        returns each batch by priority; a stable sort keeps run_at/id order within one)."""
+        for n in rows:
+            self.held[n.id] = n.attempt
+        if state.ahead and rows[0].priority > state.ahead[-1].priority:
+            state.ahead = deque(sorted([*state.ahead, *rows], key=lambda n: -n.priority))
+        else:
+            state.ahead.extend(rows)
+
+    def _start_ahead(self, state: ChannelState) -> None:
+        """Start rows claimed ahead in the free slots (not while stopping: they are handed
+        back)."""
+        while state.ahead and state.in_flight < state.limit and not self._stop.is_set():
+            self._start_send(state, state.ahead.popleft())
 
     def _wake_later(self, state: ChannelState, seconds: float) -> None:
         """Set the channel's wake flag after `seconds` (a paused provider's probe time)."""
@@ -384,9 +445,9 @@ class Worker:
         """`count` sends of the channel ended: wake its claim loop when slots freed up."""
         state.in_flight -= count
         self.metrics.in_flight_delta(state.name, -count)
-        if state.want_more and (
-            state.in_flight == 0 or state.limit - state.in_flight >= state.refill
-        ):
+        if state.ahead:
+            self._start_ahead(state)
+        if state.want_more and (state.in_flight == 0 or state.room >= state.claim_at):
             state.want_more = False
             state.wake.set()
         if all(s.in_flight == 0 for s in self.channels.values()):
@@ -405,15 +466,7 @@ class Worker:
             if self.held.get(n.id) == n.attempt:
                 del self.held[n.id]  # stop the heartbeat so the reaper takes it back
         finally:
-            state.in_flight -= 1
-            self.metrics.in_flight_delta(state.name, -1)
-            if state.want_more and (
-                state.in_flight == 0 or state.limit - state.in_flight >= state.refill
-            ):
-                state.want_more = False
-                state.wake.set()
-            if all(s.in_flight == 0 for s in self.channels.values()):
-                self._idle.set()
+            self._ended(state, 1)
 
     # --- write-back ------------------------------------------------------------------------------
 

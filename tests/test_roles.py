@@ -459,6 +459,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "INBOX_DELIVER": (nid, "ada", None, "Hi", "x", "{}"),
         "INBOX_DELIVER_MANY": ([nid], ["ada"], [None], ["Hi"], ["x"], ["{}"]),
         "QUEUE_STATUS": (),
+        "STATUS_NOTIFY": (),
         "PING": ("pgnotify_test", "x"),
         "ALIVE": (),
         "SCHEMA_VERSION": (),

@@ -1094,6 +1094,14 @@ WHERE id = $1
 # wf_cancel: cancel run $1 with reason $2 (and its notifications not sent yet).
 WF_CANCEL = "SELECT pgnotify.cancel_run($1::bigint, $2::text)"
 
+# status_notify: the pgnotify.status_notify setting this session sees (schema 0027; null when
+# unset) and whether its status changes and provider reports are announced by NOTIFY
+# pgnotify_status.
+STATUS_NOTIFY = """
+SELECT nullif(current_setting('pgnotify.status_notify', true), '') AS setting,
+       pgnotify.status_notify_enabled() AS enabled
+"""
+
 # workflow_status: running workflow runs by what they wait for (due now, a delay, a send to
 # settle), how long the most overdue one has been due, and the open batching windows. The
 # running runs are read through workflow_runs_due_idx (partial: finished runs cost nothing).

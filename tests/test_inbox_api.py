@@ -4,8 +4,8 @@ and that one user's token never reaches another user's rows."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -15,6 +15,7 @@ from tests.support import inbox
 from tests.support.inbox import Served
 
 ORIGIN = "https://app.example.com"
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -419,25 +420,53 @@ async def test_counts_stay_exact_under_concurrent_writers(
     api: Served, dsn: str, conn: asyncpg.Connection
 ) -> None:
     """The trigger-kept counts equal a count of the rows after inserts, marks and deletes
-    racing on several connections for the same users."""
+    racing on several connections for the same users.
+
+    The writers' own multi-row UPDATEs of one user's rows can lock those rows in different
+    orders (each statement sees the rows where its snapshot does), so PostgreSQL may abort one of
+    them as a deadlock: an app-level hazard that an app meets with a retry, and so do these
+    writers (each statement is its own transaction, so a retry repeats it whole). The counts'
+    triggers are not part of such a cycle: they lock inbox_counts rows in user_id order, after
+    the statement's row locks."""
     import asyncio
+
+    retries: list[str] = []
+
+    async def retried(
+        what: str, statement: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        """Run one statement (its own transaction), again if a deadlock aborted it (5 tries)."""
+        for attempt in range(1, 6):
+            try:
+                return await statement(*args, **kwargs)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 5:
+                    raise
+                retries.append(what)
+        raise AssertionError("unreachable")
 
     async def writer(n: int) -> None:
         c = await asyncpg.connect(dsn)
         try:
             for round_ in range(10):
                 user = f"u{round_ % 3}"
-                ids = await inbox.add(c, user, f"w{n}", count=5)
-                await c.execute(
+                ids = await retried("insert", inbox.add, c, user, f"w{n}", count=5)
+                await retried(
+                    "read",
+                    c.execute,
                     "UPDATE pgnotify.inbox SET read_at = now() WHERE id = ANY ($1::bigint[])",
                     ids[:2],
                 )
-                await c.execute(
+                await retried(
+                    "seen+archive",
+                    c.execute,
                     "UPDATE pgnotify.inbox SET seen_at = now(), archived_at = now() "
                     "WHERE user_id = $1 AND id % 7 = 0",
                     user,
                 )
-                await c.execute("DELETE FROM pgnotify.inbox WHERE id = $1", ids[4])
+                await retried(
+                    "delete", c.execute, "DELETE FROM pgnotify.inbox WHERE id = $1", ids[4]
+                )
         finally:
             await c.close()
 
@@ -453,5 +482,7 @@ async def test_counts_stay_exact_under_concurrent_writers(
     kept = await conn.fetch(
         "SELECT user_id, total, unread, unseen FROM pgnotify.inbox_counts ORDER BY user_id"
     )
-    assert [tuple(r) for r in kept] == [tuple(r) for r in expected]
+    assert [tuple(r) for r in kept] == [tuple(r) for r in expected], f"retries: {retries}"
     assert len(kept) == 3
+    # every round of every writer landed (a retried statement counts once): 6 x 10 x (5 - 1)
+    assert sum(r["total"] for r in kept) == 240, f"retries: {retries}"

@@ -459,6 +459,7 @@ async def test_the_worker_role_may_run_every_worker_query(
         "INBOX_DELIVER": (nid, "ada", None, "Hi", "x", "{}"),
         "INBOX_DELIVER_MANY": ([nid], ["ada"], [None], ["Hi"], ["x"], ["{}"]),
         "QUEUE_STATUS": (),
+        "STATUS_NOTIFY": (),
         "PING": ("pgnotify_test", "x"),
         "ALIVE": (),
         "SCHEMA_VERSION": (),
@@ -553,7 +554,15 @@ async def test_the_worker_role_may_run_every_worker_query(
         "WF_NEXT_DUE": (),
         **console_query_args(nid),
     }
-    admin_only = {"CANCEL", "RETRY", "REPLAY_CANDIDATES", "REPLAY", "PURGE_PREVIEW", "PURGE"}
+    admin_only = {
+        "CANCEL",
+        "RETRY",
+        "REPLAY_CANDIDATES",
+        "REPLAY",
+        "PURGE_PREVIEW",
+        "PURGE_PREVIEW_RUNS",
+        "PURGE",
+    }
     assert set(args) == set(queries.ALL) - admin_only
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))
     try:

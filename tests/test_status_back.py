@@ -182,6 +182,116 @@ async def test_the_payload_stays_far_under_notifys_limit(
     assert len(json.dumps(payload).encode()) < 2500  # NOTIFY refuses 8000 bytes and more
 
 
+# --- pgnotify.status_notify (schema 0027) ----------------------------------------------------------
+
+
+async def announce_sentinel(dsn: str, statuses: Statuses) -> int:
+    """A status change made with the setting on, and heard: a listener gets notifications in
+    commit order, so whatever was committed before it and announced has been heard by then."""
+    c = await asyncpg.connect(dsn)
+    try:
+        await c.execute("SET pgnotify.status_notify = on")
+        nid = await enqueue_webhook(c, "https://hooks.example.com/sentinel", category="sentinel")
+        await c.execute("UPDATE pgnotify.notifications SET status = 'dead' WHERE id = $1", nid)
+    finally:
+        await c.close()
+    await statuses.until(nid, ["dead"])
+    return nid
+
+
+@pytest.mark.parametrize("setting", [None, "off"])
+async def test_the_database_setting_silences_the_worker_and_provider_reports_not_status_webhooks(
+    dsn: str,
+    conn: asyncpg.Connection,
+    webhook_sink: WebhookSink,
+    worker_settings: Callable[..., Settings],
+    statuses: Statuses,
+    setting: str | None,
+) -> None:
+    if setting is not None:  # as docs/app-apis.md says; the worker's sessions start after it
+        database = dsn.rsplit("/", 1)[1]
+        await conn.execute(f'ALTER DATABASE "{database}" SET pgnotify.status_notify = {setting}')
+    await conn.execute(
+        "INSERT INTO pgnotify.status_webhooks (url, category, events) "
+        "VALUES ($1, 'orders', '{sent,delivered}')",
+        webhook_sink.url + "/status",
+    )
+    nid = await enqueue_webhook(conn, webhook_sink.url + "/orders")
+    async with running(worker_settings()) as service:
+        await wait_rows(conn, [nid], {"sent"}, service)
+        shown = (await service.status())["status_notify"]
+        reporter = await asyncpg.connect(dsn)  # a provider report, in a session of the database
+        try:
+            await reporter.execute(
+                "INSERT INTO pgnotify.events (notification_id, event, provider, external_id) "
+                "VALUES ($1, 'delivered', 'resend', 'evt_1')",
+                nid,
+            )
+        finally:
+            await reporter.close()
+        hooks = [
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM pgnotify.notifications WHERE category = 'pgnotify_status'"
+            )
+        ]
+        assert len(hooks) == 2  # sent and delivered, whatever the setting
+        await wait_rows(conn, hooks, {"sent"}, service)
+    sentinel = await announce_sentinel(dsn, statuses)
+    bodies = [
+        Webhook(WEBHOOK_SECRET).verify(r.body, r.headers) for r in at("/status", webhook_sink)
+    ]
+    assert sorted(b["type"] for b in bodies) == ["notification.delivered", "notification.sent"]
+    if setting is None:  # unchanged: the worker's claim and complete, and the report, announced
+        assert shown == {"setting": None, "enabled": True}
+        assert statuses.of(nid) == ["processing", "sent", "delivered"]
+        assert {p["id"] for p in statuses.seen} == {nid, sentinel, *hooks}
+    else:  # nothing at all before the sentinel: not the row, the report or the status webhooks
+        assert shown == {"setting": "off", "enabled": False}
+        assert [p["id"] for p in statuses.seen] == [sentinel]
+
+
+@pytest.mark.parametrize(
+    ("value", "announced"),
+    [
+        ("off", False),
+        ("OFF", False),
+        (" false ", False),
+        ("no", False),
+        ("0", False),
+        ("on", True),
+        ("true", True),
+        ("maybe", True),  # unknown: on, and the UPDATE still works
+        ("", True),
+    ],
+)
+async def test_a_session_setting_decides_for_that_sessions_changes(
+    dsn: str, conn: asyncpg.Connection, statuses: Statuses, value: str, announced: bool
+) -> None:
+    await conn.execute(
+        "INSERT INTO pgnotify.status_webhooks (url, category, events) "
+        "VALUES ('https://hooks.example.com/s', 'orders', '{dead,opened}')"
+    )
+    await conn.execute(f"SET pgnotify.status_notify = '{value}'")
+    assert await conn.fetchval("SELECT pgnotify.status_notify_enabled()") is announced
+    nid = await enqueue_webhook(conn, "https://hooks.example.com/x")
+    await conn.execute("UPDATE pgnotify.notifications SET status = 'dead' WHERE id = $1", nid)
+    await conn.execute(
+        "INSERT INTO pgnotify.events (notification_id, event, provider, external_id) "
+        "VALUES ($1, 'opened', 'resend', 'evt_1')",
+        nid,
+    )
+    await announce_sentinel(dsn, statuses)
+    assert statuses.of(nid) == (["dead", "opened"] if announced else [])
+    # the status webhooks do not depend on it: one for the change, one for the report
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pgnotify.notifications WHERE category = 'pgnotify_status'"
+        )
+        == 2
+    )
+
+
 # --- status webhooks ---------------------------------------------------------------------------------
 
 

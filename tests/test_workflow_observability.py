@@ -248,6 +248,14 @@ async def test_retention_deletes_old_finished_runs_and_keeps_referenced_ones(
         made,
     )
     steps_before = await conn.fetchval("SELECT count(*) FROM pgnotify.workflow_run_steps")
+    env = {"PGNOTIFY_DATABASE_URL": dsn}
+
+    # the dry run counts by the same rules (old_ref stays: its notification is kept) and deletes
+    # nothing
+    result = await asyncio.to_thread(cli, "purge", "--dry-run", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "would delete 3 finished workflow run(s)" in result.stdout.splitlines()
+    assert await conn.fetchval("SELECT count(*) FROM pgnotify.workflow_runs") == len(runs)
 
     # the worker role runs retention (the job's command) and cannot DELETE runs itself
     worker = await asyncpg.connect(await login_as("pgnotify_worker"))
@@ -279,7 +287,14 @@ async def test_retention_deletes_old_finished_runs_and_keeps_referenced_ones(
         "UPDATE pgnotify.notifications SET updated_at = now() - interval '100 days' WHERE id = $1",
         made,
     )
-    result = await asyncio.to_thread(cli, "purge", env={"PGNOTIFY_DATABASE_URL": dsn}, timeout=60)
+    # the dry run knows that the notification goes first, and the run with it
+    result = await asyncio.to_thread(cli, "purge", "--dry-run", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == [
+        "would delete 1 notification(s)",
+        "would delete 1 finished workflow run(s)",
+    ]
+    result = await asyncio.to_thread(cli, "purge", env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:2] == [
         "deleted 1 notification(s)",

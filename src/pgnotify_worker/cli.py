@@ -498,6 +498,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     async def go(conn: asyncpg.Connection) -> tuple[list[dict[str, Any]], int, list[str]]:
         preview = [dict(r) for r in await conn.fetch(queries.PURGE_PREVIEW, keep, keep_dead)]
         if args.dry_run:
+            runs.append(await conn.fetchval(queries.PURGE_PREVIEW_RUNS, keep, keep_dead))
             return preview, 0, []
         removed: list[int] = []
         dropped: list[str] = []
@@ -526,6 +527,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         for r in preview:
             print(f"{r['status']:<10} {r['rows']:>8}")
         print(f"would delete {sum(r['rows'] for r in preview)} notification(s)")
+        print(f"would delete {sum(runs)} finished workflow run(s)")
         return 0
     print(f"deleted {removed} notification(s)")
     if runs:
@@ -719,7 +721,11 @@ def parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--keep-dead-days", default="90", help="keep failed and dead rows this many days"
     )
-    pg.add_argument("--dry-run", action="store_true", help="count what would be deleted")
+    pg.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count the notifications and finished workflow runs that would be deleted",
+    )
 
     st = sub.add_parser(
         "send-test",

@@ -608,7 +608,18 @@ class Service:
             "queue": queue,
             "rate_limits": limits,
             "workflows": await self._workflows_status(),
+            "status_notify": await self._status_notify(),
         }
+
+    async def _status_notify(self) -> dict[str, Any]:
+        """Whether this worker's status changes are announced by NOTIFY pgnotify_status (the
+        database setting pgnotify.status_notify, schema 0027, as its sessions see it)."""
+        if self.store is None:
+            return {}
+        try:
+            return await asyncio.wait_for(self.store.status_notify(), 5)
+        except JOB_STATUS_ERRORS as exc:
+            return {"error": type(exc).__name__}
 
     async def _workflows_status(self) -> dict[str, Any]:
         """The workflow gauges (from the database, as /metrics has them) and this worker's

@@ -590,6 +590,14 @@ class QueueStore:
         return dict(row)
 
     @translated
+    async def status_notify(self) -> dict[str, Any]:
+        """pgnotify.status_notify as the worker's sessions see it: the setting (None when unset)
+        and whether status changes are announced by NOTIFY pgnotify_status (schema 0027)."""
+        row = await self.pool.fetchrow(queries.STATUS_NOTIFY)
+        assert row is not None
+        return dict(row)
+
+    @translated
     async def queue_status(self) -> list[dict[str, Any]]:
         """The queue_status view as dicts."""
         return [dict(r) for r in await self.pool.fetch(queries.QUEUE_STATUS)]

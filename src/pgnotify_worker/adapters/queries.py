@@ -546,6 +546,24 @@ WHERE (status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
 GROUP BY status ORDER BY status
 """
 
+# purge_preview_runs: finished workflow runs retention would delete now (the rule of
+# pgnotify.purge_workflow_runs, schema 0024): completed and cancelled ones finished before now - $1,
+# failed ones before now - $2, and none with a notification that the notifications' pass before
+# it would keep (PURGE_PREVIEW's rule).
+PURGE_PREVIEW_RUNS = """
+SELECT count(*) FROM pgnotify.workflow_runs r
+WHERE ((r.status IN ('completed', 'cancelled') AND r.finished_at < now() - $1::interval)
+    OR (r.status = 'failed' AND r.finished_at < now() - $2::interval))
+  AND NOT EXISTS (
+      SELECT 1 FROM pgnotify.workflow_run_steps s
+      JOIN pgnotify.notifications n ON n.id = s.notification_id
+      WHERE s.run_id = r.id
+        AND NOT coalesce((n.status IN ('sent', 'cancelled', 'skipped', 'digested', 'expired')
+                          AND n.updated_at < now() - $1::interval)
+                      OR (n.status IN ('dead', 'failed') AND n.updated_at < now() - $2::interval),
+                      false))
+"""
+
 # purge: run retention now (batches of 5,000, each committed; a NOTICE per batch with its count,
 # then one per dropped day partition of events).
 PURGE = "CALL pgnotify.apply_retention(keep => $1, keep_dead => $2)"
@@ -1093,6 +1111,14 @@ WHERE id = $1
 
 # wf_cancel: cancel run $1 with reason $2 (and its notifications not sent yet).
 WF_CANCEL = "SELECT pgnotify.cancel_run($1::bigint, $2::text)"
+
+# status_notify: the pgnotify.status_notify setting this session sees (schema 0027; null when
+# unset) and whether its status changes and provider reports are announced by NOTIFY
+# pgnotify_status.
+STATUS_NOTIFY = """
+SELECT nullif(current_setting('pgnotify.status_notify', true), '') AS setting,
+       pgnotify.status_notify_enabled() AS enabled
+"""
 
 # workflow_status: running workflow runs by what they wait for (due now, a delay, a send to
 # settle), how long the most overdue one has been due, and the open batching windows. The

@@ -10,7 +10,8 @@ from __future__ import annotations
 # Producer-set timestamps come back as epoch seconds and the payload as text, so one row the
 # driver could not decode (a date out of Python's range, JSON nested too deep) fails alone
 # instead of failing the whole batch. A paused channel (pgnotify.pause_channel) gives nothing.
-# The statement is the function pgnotify.claim() (schema 0023), so it is planned once per session.
+# The statement is the function pgnotify.claim() (schema 0023), planned for each call (0028: a plan
+# kept from a call on an empty table read the whole table on every later claim).
 CLAIM = """
 SELECT id, uid, channel, recipient, user_id, category, template, subject, body, html_body, locale,
        payload, priority, attempts, max_attempts, created_at, expires_at, digest_of, traceparent,

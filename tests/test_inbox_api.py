@@ -486,3 +486,55 @@ async def test_counts_stay_exact_under_concurrent_writers(
     assert len(kept) == 3
     # every round of every writer landed (a retried statement counts once): 6 x 10 x (5 - 1)
     assert sum(r["total"] for r in kept) == 240, f"retries: {retries}"
+
+
+async def test_two_tabs_changing_all_messages_at_once_never_deadlock(
+    api: Served, dsn: str, conn: asyncpg.Connection
+) -> None:
+    """ "Mark all read" in one tab while another archives all or brings messages back: each
+    statement locks the user's rows in id order first (queries._inbox_change), so they wait for
+    each other; before, each locked them in the order of the index it read them through, and
+    PostgreSQL aborted one of them as a deadlock (a 500 for that user)."""
+    import asyncio
+    import random
+
+    from pgnotify_worker.adapters import queries
+
+    ids = await inbox.add(conn, "tabs", "t", count=300)
+    everything = [
+        (queries.INBOX_READ_ALL, ()),
+        (queries.INBOX_SEEN_ALL, ()),
+        (queries.INBOX_ARCHIVE_ALL, ()),
+        (queries.INBOX_UNARCHIVE, (ids,)),
+        (queries.INBOX_UNREAD, (ids,)),
+        (queries.INBOX_READ, (ids[::-1],)),
+        (queries.INBOX_ARCHIVE, (ids[::2],)),
+        ("SELECT pgnotify.inbox_mark_read($1)", ()),  # the SQL API beside it (schema 0029)
+        ("SELECT pgnotify.inbox_mark_read($1, $2)", (ids[::-3],)),
+    ]
+
+    async def tab(seed: int) -> int:
+        order = random.Random(seed)
+        c = await asyncpg.connect(dsn)
+        changed = 0
+        try:
+            for _ in range(30):
+                sql, args = order.choice(everything)
+                changed += await c.fetchval(sql, "tabs", *args)
+        finally:
+            await c.close()
+        return changed
+
+    async with asyncio.timeout(120):
+        await asyncio.gather(*(tab(seed) for seed in range(4)))
+    # and the trigger-kept counts still match the rows
+    kept = await conn.fetchrow(
+        "SELECT total, unread, unseen FROM pgnotify.inbox_counts WHERE user_id = 'tabs'"
+    )
+    counted = await conn.fetchrow(
+        """SELECT count(*) AS total,
+                  count(*) FILTER (WHERE read_at IS NULL AND archived_at IS NULL) AS unread,
+                  count(*) FILTER (WHERE seen_at IS NULL AND archived_at IS NULL) AS unseen
+           FROM pgnotify.inbox WHERE user_id = 'tabs'"""
+    )
+    assert tuple(kept) == tuple(counted)

@@ -961,77 +961,49 @@ INBOX_LATEST_SEQ = """
 SELECT coalesce(max(seq), 0) FROM pgnotify.inbox WHERE user_id = $1
 """
 
-# inbox_read: mark user $1's messages $2 read; returns how many changed.
-INBOX_READ = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET read_at = now()
-    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND read_at IS NULL RETURNING 1
+
+def _inbox_change(assign: str, where: str) -> str:
+    """Change some of user $1's inbox rows and count them. The rows are locked in id order first,
+    so that two such statements for one user (two tabs: "mark all read" and "archive all") wait
+    for each other instead of deadlocking, whatever index each statement reads them through.
+    `assign` and `where` are this module's constants, never input."""
+    return f"""
+WITH target AS (
+    SELECT id FROM pgnotify.inbox WHERE user_id = $1 AND {where} ORDER BY id FOR UPDATE
+), m AS (
+    UPDATE pgnotify.inbox i SET {assign} FROM target WHERE i.id = target.id RETURNING 1
 )
 SELECT count(*) FROM m
-"""
+"""  # noqa: S608
+
+
+# inbox_read: mark user $1's messages $2 read; returns how many changed.
+INBOX_READ = _inbox_change("read_at = now()", "id = ANY ($2::bigint[]) AND read_at IS NULL")
 
 # inbox_read_all: mark every unread, unarchived message of user $1 read.
-INBOX_READ_ALL = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET read_at = now()
-    WHERE user_id = $1 AND read_at IS NULL AND archived_at IS NULL RETURNING 1
-)
-SELECT count(*) FROM m
-"""
+INBOX_READ_ALL = _inbox_change("read_at = now()", "read_at IS NULL AND archived_at IS NULL")
 
 # inbox_unread: mark user $1's messages $2 unread again.
-INBOX_UNREAD = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET read_at = NULL
-    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND read_at IS NOT NULL RETURNING 1
-)
-SELECT count(*) FROM m
-"""
+INBOX_UNREAD = _inbox_change("read_at = NULL", "id = ANY ($2::bigint[]) AND read_at IS NOT NULL")
 
 # inbox_seen: mark user $1's messages $2 seen.
-INBOX_SEEN = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET seen_at = now()
-    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND seen_at IS NULL RETURNING 1
-)
-SELECT count(*) FROM m
-"""
+INBOX_SEEN = _inbox_change("seen_at = now()", "id = ANY ($2::bigint[]) AND seen_at IS NULL")
 
 # inbox_seen_all: mark every unseen, unarchived message of user $1 seen.
-INBOX_SEEN_ALL = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET seen_at = now()
-    WHERE user_id = $1 AND seen_at IS NULL AND archived_at IS NULL RETURNING 1
-)
-SELECT count(*) FROM m
-"""
+INBOX_SEEN_ALL = _inbox_change("seen_at = now()", "seen_at IS NULL AND archived_at IS NULL")
 
 # inbox_archive: archive user $1's messages $2.
-INBOX_ARCHIVE = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET archived_at = now()
-    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND archived_at IS NULL RETURNING 1
+INBOX_ARCHIVE = _inbox_change(
+    "archived_at = now()", "id = ANY ($2::bigint[]) AND archived_at IS NULL"
 )
-SELECT count(*) FROM m
-"""
 
 # inbox_archive_all: archive every message of user $1 not archived yet.
-INBOX_ARCHIVE_ALL = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET archived_at = now()
-    WHERE user_id = $1 AND archived_at IS NULL RETURNING 1
-)
-SELECT count(*) FROM m
-"""
+INBOX_ARCHIVE_ALL = _inbox_change("archived_at = now()", "archived_at IS NULL")
 
 # inbox_unarchive: bring user $1's messages $2 back from the archive.
-INBOX_UNARCHIVE = """
-WITH m AS (
-    UPDATE pgnotify.inbox SET archived_at = NULL
-    WHERE user_id = $1 AND id = ANY ($2::bigint[]) AND archived_at IS NOT NULL RETURNING 1
+INBOX_UNARCHIVE = _inbox_change(
+    "archived_at = NULL", "id = ANY ($2::bigint[]) AND archived_at IS NOT NULL"
 )
-SELECT count(*) FROM m
-"""
 
 # wf_claim: lock up to $2 of the most overdue running workflow runs (due at the database's now,
 # or $1 when a test stands in for the clock), with their definitions, the recipient's time zone

@@ -8,8 +8,10 @@ ours, theirs, ...). Prints a table with the machine, the medians and the ratios.
 
 Our side runs as a user would: the webhook provider, every request signed (Standard Webhooks),
 every attempt in the audit trail (pgnotify.events). pgqueuer's side is its QueueManager with
-batch_size 50 and an entrypoint that POSTs the job's payload with one aiohttp session. Latency is
-commit -> receiver for both (the producer's clock after COMMIT; the sink's CLOCK_MONOTONIC).
+batch_size 50 and an entrypoint that POSTs the job's payload with one aiohttp session, on uvloop
+as `pgq run` puts it (pgqueuer depends on uvloop; our worker runs on asyncio: uvloop measured no
+faster for it). Latency is commit -> receiver for both (the producer's clock after COMMIT; the
+sink's CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -240,6 +242,14 @@ async def latency(
     return {"p50": pct(ms, 0.5), "p95": pct(ms, 0.95), "p99": pct(ms, 0.99), "max": max(ms)}
 
 
+def uvloop_installed() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def uvloop_path() -> str:
     """A directory whose sitecustomize puts a process on uvloop (our worker, with --uvloop)."""
     import tempfile
@@ -345,7 +355,7 @@ def report(
         f"- pgnotify-worker: {processes} process(es){' on uvloop' if uvloop else ''}, webhook "
         "concurrency 50, every request signed, every attempt in pgnotify.events",
         f"- pgqueuer {pgqueuer.__version__}: QueueManager.run(batch_size={BATCH}), one aiohttp "
-        "POST per job",
+        f"POST per job, on {'uvloop (as `pgq run`)' if uvloop_installed() else 'asyncio'}",
         "- receiver: bench/sink.py (one process, loopback); runs interleaved, ours first",
         "",
         f"### Draining a {plan.rows:,} row backlog ({plan.runs} runs each)",
@@ -418,7 +428,12 @@ def main() -> None:
         return
     if args.worker:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(pgqueuer_worker(args.worker))
+            try:  # as pgqueuer's own CLI (`pgq run`) runs it when uvloop is there
+                import uvloop
+            except ImportError:
+                asyncio.run(pgqueuer_worker(args.worker))
+            else:
+                uvloop.run(pgqueuer_worker(args.worker))
         return
     plan = SMOKE if args.smoke else Plan()
     if args.rows:

@@ -162,3 +162,11 @@ def test_next_run(schedule: str, zone: str, after: str, expected: str) -> None:
 def test_bad_schedules_are_named(schedule: str, zone: str) -> None:
     with pytest.raises(ScheduleError):
         next_run(schedule, zone, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+
+
+def test_the_dispatchers_shortcut_is_what_decide_says_without_facts() -> None:
+    """A row with no user, category or address rules skips the lookup: the decision it gets must
+    be decide()'s for no facts, digest or not (delivery/dispatcher.py SEND)."""
+    from pgnotify_worker.delivery.dispatcher import SEND
+
+    assert SEND == decide(Facts()) == decide(Facts(is_digest=True))

@@ -64,6 +64,9 @@ OUTCOME_LABEL = {
 }
 
 
+SEND = Send()  # the decision for a row with no user, category or address rules (decide(Facts()))
+
+
 def _blank(value: str | None) -> bool:
     return value is None or not value.strip()
 
@@ -189,6 +192,8 @@ class Dispatcher:
         delayed or folded into a batch."""
         expired = n.expires_at is not None and n.expires_at <= n.claimed_at
         if expired or not self.needs_facts(n) or self.store is None:
+            if not expired:
+                return SEND  # no facts to weigh: what decide() says for a row without any
             return decide(Facts(expired=expired, is_digest=n.digest_of is not None))
         row = self._facts.pop(n.id, None)
         if row is None:
@@ -281,6 +286,8 @@ class Dispatcher:
     ) -> dict[tuple[str, bool], str]:
         """The stored templates a body or HTML body extends or includes, and theirs in turn."""
         found: dict[tuple[str, bool], str] = {}
+        if parts.body is None and parts.html_body is None:
+            return found  # nothing rendered from a template: nothing it could extend
         todo = [(source, html) for source, html in ((parts.body, False), (parts.html_body, True))]
         for _ in range(5):  # layouts of layouts, a few levels deep
             wanted = {

@@ -200,7 +200,7 @@ class Failover:
                 self.on_circuit(slot.name, slot.breaker)  # open -> half-open: this is the probe
                 before = slot.breaker.state
             dest = await self._destination(slot, channel, message)
-            if not isinstance(dest, Destination | None):
+            if dest is not None and not isinstance(dest, Destination):
                 slot.breaker.release()  # a half-open probe that did not go
                 return dest, slot.name  # waits or fails for its destination: no other provider
             outcome: Outcome | None = None

@@ -338,7 +338,7 @@ async def test_cors_allows_the_configured_origin_only_never_a_wildcard(api: Serv
 async def test_a_user_with_a_million_rows_gets_pages_counts_and_marks_fast(
     api: Served, conn: asyncpg.Connection
 ) -> None:
-    await conn.execute("ALTER TABLE pgnotify.inbox DISABLE TRIGGER inbox_notify")  # bulk load
+    await conn.execute("ALTER TABLE pgnotify.inbox DISABLE TRIGGER inbox_notify_rows")  # bulk load
     await conn.execute(
         """
         INSERT INTO pgnotify.inbox (notification_id, user_id, category, title, read_at,
@@ -348,7 +348,7 @@ async def test_a_user_with_a_million_rows_gets_pages_counts_and_marks_fast(
         FROM generate_series(1, 1000000) AS g
         """
     )
-    await conn.execute("ALTER TABLE pgnotify.inbox ENABLE TRIGGER inbox_notify")
+    await conn.execute("ALTER TABLE pgnotify.inbox ENABLE TRIGGER inbox_notify_rows")
     await inbox.add(conn, "ada", count=3)
     await conn.execute("ANALYZE pgnotify.inbox")
 
@@ -538,3 +538,45 @@ async def test_two_tabs_changing_all_messages_at_once_never_deadlock(
            FROM pgnotify.inbox WHERE user_id = 'tabs'"""
     )
     assert tuple(kept) == tuple(counted)
+
+
+async def test_one_insert_of_many_rows_announces_each_new_row_in_order(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    """The set-based in-app delivery writes a claimed batch in one INSERT: every row it added
+    is announced (payload version 1), in id order; a row the INSERT skipped (already there) is
+    not (schema 0030: one statement trigger instead of a row trigger)."""
+    import asyncio
+    import json
+
+    live = await asyncpg.connect(dsn)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await live.add_listener("pgnotify_inbox", lambda *a: heard.put_nowait(a[3]))
+    try:
+        first = await conn.fetchval(
+            "INSERT INTO pgnotify.inbox (notification_id, user_id, title) "
+            "VALUES (900, 'solo', 'one') RETURNING id"
+        )
+        # 900 is there already: skipped, not announced
+        rows = await conn.fetch(
+            """INSERT INTO pgnotify.inbox (notification_id, user_id, category, title)
+               SELECT 900 + g, 'u' || (g % 2), 'c', 't' || g FROM generate_series(0, 5) g
+               ON CONFLICT (notification_id) DO NOTHING
+               RETURNING id, seq, user_id, notification_id"""
+        )
+        payloads = [json.loads(await asyncio.wait_for(heard.get(), 5)) for _ in range(6)]
+    finally:
+        await live.close()
+    assert payloads[0]["id"] == first
+    assert payloads[1:] == [
+        {
+            "v": 1,
+            "event": "new",
+            "id": r["id"],
+            "seq": r["seq"],
+            "user_id": r["user_id"],
+            "notification_id": r["notification_id"],
+        }
+        for r in sorted(rows, key=lambda r: r["id"])
+    ]
+    assert len(rows) == 5 and heard.empty()

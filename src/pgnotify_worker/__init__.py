@@ -3,4 +3,4 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 29  # the newest schema/NNNN_*.sql this code needs
+SCHEMA_VERSION = 30  # the newest schema/NNNN_*.sql this code needs

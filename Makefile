@@ -127,6 +127,7 @@ bench: $(BENCH_STAMP)  ## benchmarks (not tests): latency, throughput, pgbench a
 	$(BIN)/python -m bench.inbox
 	$(BIN)/python -m bench.status_notify
 	$(BIN)/python -m bench.pg_path
+	$(BIN)/python -m bench.worker_ab
 	$(BIN)/python -m bench.topics
 	$(BIN)/python -m bench.console
 	$(BIN)/python -m bench.batch
@@ -145,6 +146,7 @@ bench-smoke: $(BENCH_STAMP)  ## seconds-long versions for CI (pgqueuer beside us
 	$(BIN)/python -m bench.inbox --smoke
 	$(BIN)/python -m bench.status_notify --smoke
 	$(BIN)/python -m bench.pg_path --smoke
+	$(BIN)/python -m bench.worker_ab --smoke
 	$(BIN)/python -m bench.topics --smoke
 	$(BIN)/python -m bench.console --smoke
 	$(BIN)/python -m bench.batch --smoke

@@ -205,3 +205,78 @@ async def test_a_claim_first_run_on_an_empty_table_does_not_keep_its_plan(
     assert claim, plans
     assert "Seq Scan on notifications" not in claim[0], claim[0]
     assert "notifications_ready_idx" in claim[0] and "notifications_pkey" in claim[0], claim[0]
+
+
+async def test_the_heartbeat_reads_its_rows_through_the_primary_key_whatever_the_statistics(
+    conn: asyncpg.Connection,
+) -> None:
+    """Statistics are taken when few rows are processing (the state lasts seconds), so the
+    planner believes "this worker's processing rows" are about one. Written plainly, the
+    heartbeat and the release started from them and hashed or looped over every processing row:
+    with 21,000 rows in flight under set-based in-app delivery, a heartbeat of 2,000 rows took
+    1.4 s, holding their locks while the write-back waited. They start from the batch and read
+    each row through the primary key (queries.py, LEASED)."""
+    await conn.execute(
+        "INSERT INTO pgnotify.notifications (channel, recipient, payload) "
+        "SELECT 'webhook', 'https://example.com/hook', '{}' FROM generate_series(1, 40000)"
+    )
+    await conn.execute("VACUUM ANALYZE pgnotify.notifications")  # nothing processing
+    claimed = await conn.fetch(queries.CLAIM, "webhook", 20000, "w1", 300.0, None)
+    ids = [r["id"] for r in claimed][:500]
+    attempts = [1] * len(ids)
+    n = len(ids)
+    complete = {
+        "COMPLETE": (
+            queries.COMPLETE,
+            (
+                "w1",
+                ids,
+                attempts,
+                ["sent"] * n,
+                ["sent"] * n,
+                [0.0] * n,
+                [None] * n,
+                [None] * n,
+                ["webhook"] * n,
+                [None] * n,
+                [1.0] * n,
+                [None] * n,
+                [0] * n,
+                [None] * n,
+                [None] * n,
+            ),
+        ),
+    }
+    statements = {
+        "HEARTBEAT": (queries.HEARTBEAT, ("w1", ids, attempts, 30.0)),
+        "RELEASE": (queries.RELEASE, ("w1", ids, attempts)),
+    }
+    for name, (sql, args) in statements.items():
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            plan = await explain(conn, sql, *args)
+            scans = [
+                n
+                for n in plan
+                if n.get("Relation Name") == "notifications" and "Scan" in n["Node Type"]
+            ]
+            assert scans and all(n.get("Index Name") == "notifications_pkey" for n in scans), (
+                name,
+                mode,
+                [(n["Node Type"], n.get("Index Name")) for n in scans],
+            )
+    await conn.execute("RESET plan_cache_mode")
+    # and the fences hold: a row no longer processing, or leased by another worker, is neither
+    # renewed nor written
+    await conn.execute(
+        "UPDATE pgnotify.notifications SET status = 'queued', locked_by = NULL, "
+        "locked_until = NULL WHERE id = $1",
+        ids[0],
+    )
+    await conn.execute(  # another worker's lease: not ours to write either
+        "UPDATE pgnotify.notifications SET locked_by = 'w2' WHERE id = $1", ids[1]
+    )
+    renewed = await conn.fetch(queries.HEARTBEAT, "w1", ids, attempts, 30.0)
+    assert sorted(r["id"] for r in renewed) == sorted(ids[2:])
+    written = await conn.fetch(queries.COMPLETE, *complete["COMPLETE"][1])
+    assert sorted(r["id"] for r in written) == sorted(ids[2:])

@@ -19,15 +19,17 @@ SELECT id, uid, channel, recipient, user_id, category, template, subject, body, 
 FROM pgnotify.claim($1, $2, $3, $4, $5)
 """
 
-# LEASED: the heartbeat and the release find their rows by (id, attempt), read them through the
-# primary key (`id = ANY($2)`), and fence them with `locked_by = $1 AND status = 'processing'`
-# written as `(x || '') = ...`, which no index serves. Written plainly, the planner costs "this
-# worker's processing rows" from statistics taken when few rows were processing or leased (the
-# state lasts seconds), estimates one row, and starts from there: with a large claim in flight
-# (21,000 processing rows under set-based in-app delivery) a heartbeat of 2,000 rows took 1.4 s,
-# holding their locks while the write-back waited. This way the work is bounded by the batch,
-# whatever the statistics say. (The write-back below has the same exposure; rewritten this way it
-# cost the webhook drain 6 %, as its join to the batch became a nested loop: left as it is.)
+# LEASED: the write-back, the heartbeat and the release find their rows by (id, attempt), read
+# them through the primary key (`id = ANY($2)`), and fence them with `locked_by = $1 AND status =
+# 'processing'` written as `(x || '') = ...`, which no index serves. Written plainly, the planner
+# costs "this worker's processing rows" from statistics taken when few rows were processing or
+# leased (the state lasts seconds), estimates one row, and starts from there: with a large claim
+# in flight (21,000 processing rows under set-based in-app delivery) a write-back of 500 rows
+# looped over all 21,000 (10 million comparisons, 3 s) and a heartbeat of 2,000 took 1.4 s,
+# holding their locks meanwhile. This way the work is bounded by the batch, whatever the
+# statistics say. The write-back takes each row's values by its position in the arrays
+# (array_position), not by a join to the unnested batch: estimated at one row, that join was a
+# nested loop re-reading the batch for every row (batch^2).
 # complete: write many outcomes in one statement, each only while worker $1 still holds that
 # row's lease for that attempt (fenced), with one event per written outcome (carrying when the
 # attempt was claimed, $15).
@@ -38,24 +40,32 @@ WITH r AS (
                          $13::int[], $14::text[], $15::timestamptz[])
         AS r(id, attempt, status, event, delay, error_code, error, provider,
              provider_message_id, duration_ms, template_version, refund, hold, claimed_at)
+), mine AS (
+    -- the batch's rows still leased to this worker, read through the primary key (LEASED above),
+    -- each with its position in the arrays
+    SELECT n.id, array_position($2::bigint[], n.id) AS i
+    FROM pgnotify.notifications n
+    WHERE n.id = ANY ($2::bigint[]) AND (n.locked_by || '') = $1 AND (n.status || '') = 'processing'
 ), done AS (
     UPDATE pgnotify.notifications n
-    SET status = r.status,
-        attempts = n.attempts - r.refund,
-        hold = CASE WHEN r.status = 'held' THEN r.hold ELSE n.hold END,
-        held_at = CASE WHEN r.status = 'held' THEN now() ELSE n.held_at END,
-        run_at = CASE WHEN r.status = 'scheduled'
-                      THEN now() + make_interval(secs => r.delay) ELSE n.run_at END,
+    SET status = ($4::text[])[m.i],
+        attempts = n.attempts - ($13::int[])[m.i],
+        hold = CASE WHEN ($4::text[])[m.i] = 'held' THEN ($14::text[])[m.i] ELSE n.hold END,
+        held_at = CASE WHEN ($4::text[])[m.i] = 'held' THEN now() ELSE n.held_at END,
+        run_at = CASE WHEN ($4::text[])[m.i] = 'scheduled'
+                      THEN now() + make_interval(secs => ($6::float8[])[m.i]) ELSE n.run_at END,
         locked_by = NULL,
         locked_until = NULL,
-        last_error = CASE WHEN r.status = 'sent' THEN NULL ELSE coalesce(r.error, n.last_error) END,
-        provider = coalesce(r.provider, n.provider),
-        provider_message_id = coalesce(r.provider_message_id, n.provider_message_id),
-        template_version = coalesce(r.template_version, n.template_version),
-        sent_at = CASE WHEN r.status = 'sent' THEN now() ELSE n.sent_at END,
+        last_error = CASE WHEN ($4::text[])[m.i] = 'sent' THEN NULL
+                          ELSE coalesce(($8::text[])[m.i], n.last_error) END,
+        provider = coalesce(($9::text[])[m.i], n.provider),
+        provider_message_id = coalesce(($10::text[])[m.i], n.provider_message_id),
+        template_version = coalesce(($12::int[])[m.i], n.template_version),
+        sent_at = CASE WHEN ($4::text[])[m.i] = 'sent' THEN now() ELSE n.sent_at END,
         updated_at = now()
-    FROM r
-    WHERE n.id = r.id AND n.attempts = r.attempt AND n.locked_by = $1 AND n.status = 'processing'
+    FROM mine m
+    WHERE n.id = m.id AND n.attempts = ($3::int[])[m.i]
+      AND (n.locked_by || '') = $1 AND (n.status || '') = 'processing'
     RETURNING n.id, n.run_at, n.status
 ), logged AS (
     INSERT INTO pgnotify.events (notification_id, event, attempt, worker, provider, duration_ms,

@@ -33,7 +33,6 @@ import asyncpg
 
 from bench.run import (
     DURABLE,
-    SECRET,
     cpu_seconds,
     machine,
     pct,
@@ -42,6 +41,7 @@ from bench.run import (
     sink_count,
     sink_stats,
     wait_http,
+    webhook_worker_env,
 )
 from pgnotify_worker.adapters import migrate
 from tests.support.pgcluster import TempCluster, free_port
@@ -281,20 +281,7 @@ async def bench(
         await Queries.from_asyncpg_connection(conn).install()
         sink_port, http_port = free_port(), free_port()
         sink = subprocess.Popen([sys.executable, "-m", "bench.sink", str(sink_port)])
-        env = {
-            **os.environ,
-            "PGNOTIFY_DATABASE_URL": dsn,
-            "PGNOTIFY_CHANNELS": "webhook",
-            "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
-            "PGNOTIFY_DESTINATION_CONCURRENCY": str(concurrency),
-            "PGNOTIFY_WEBHOOK_SECRET": SECRET,
-            "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "PGNOTIFY_HTTP_HOST": "127.0.0.1",
-            "PGNOTIFY_HTTP_PORT": str(http_port),
-            "PGNOTIFY_LOG_LEVEL": "WARNING",
-            "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
-            "PGNOTIFY_PROCESSES": str(processes),
-        }
+        env = webhook_worker_env(dsn, http_port, concurrency, PGNOTIFY_PROCESSES=str(processes))
         if uvloop:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [uvloop_path(), env.get("PYTHONPATH")])

@@ -85,6 +85,26 @@ def machine() -> dict[str, str]:
     }
 
 
+def webhook_worker_env(dsn: str, http_port: int, concurrency: int, **extra: str) -> dict[str, str]:
+    """The environment of a benchmarked worker: webhooks only, to the loopback receiver, signed,
+    `concurrency` sends in flight and no per-endpoint cap below it (one receiver stands for many
+    endpoints), quiet logs; `extra` adds or overrides settings."""
+    return {
+        **os.environ,
+        "PGNOTIFY_DATABASE_URL": dsn,
+        "PGNOTIFY_CHANNELS": "webhook",
+        "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
+        "PGNOTIFY_DESTINATION_CONCURRENCY": str(concurrency),
+        "PGNOTIFY_WEBHOOK_SECRET": SECRET,
+        "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "PGNOTIFY_HTTP_HOST": "127.0.0.1",
+        "PGNOTIFY_HTTP_PORT": str(http_port),
+        "PGNOTIFY_LOG_LEVEL": "WARNING",
+        "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
+        **extra,
+    }
+
+
 def rss_mb(pid: int) -> float:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -26,7 +25,15 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from bench.run import DURABLE, SECRET, Plan, machine, measure_drain, postgres_pids, wait_http
+from bench.run import (
+    DURABLE,
+    Plan,
+    machine,
+    measure_drain,
+    postgres_pids,
+    wait_http,
+    webhook_worker_env,
+)
 from pgnotify_worker.adapters import migrate
 from tests.support.pgcluster import TempCluster, free_port
 
@@ -65,19 +72,7 @@ async def run(
         await listener.add_listener(
             "pgnotify_status", lambda *_: counted.__setitem__(0, counted[0] + 1)
         )
-        env = {
-            **os.environ,
-            "PGNOTIFY_DATABASE_URL": dsn,
-            "PGNOTIFY_CHANNELS": "webhook",
-            "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
-            "PGNOTIFY_DESTINATION_CONCURRENCY": str(concurrency),
-            "PGNOTIFY_WEBHOOK_SECRET": SECRET,
-            "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "PGNOTIFY_HTTP_HOST": "127.0.0.1",
-            "PGNOTIFY_HTTP_PORT": str(http_port),
-            "PGNOTIFY_LOG_LEVEL": "WARNING",
-            "PGNOTIFY_QUEUE_METRICS_INTERVAL": "5",
-        }
+        env = webhook_worker_env(dsn, http_port, concurrency)
         await wait_http(f"http://127.0.0.1:{sink_port}/stats")
         plan = Plan(drain_rows=rows)
         async with aiohttp.ClientSession() as http:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,12 @@ import asyncpg
 
 from bench.run import (
     DURABLE,
-    SECRET,
     cpu_seconds,
     machine,
     postgres_pids,
     sink_count,
     wait_http,
+    webhook_worker_env,
 )
 from pgnotify_worker.adapters import migrate
 from tests.support.pgcluster import TempCluster, free_port
@@ -117,19 +116,7 @@ async def run(
                     if variant.get("sql"):
                         await conn.execute(variant["sql"])
                     http_port = free_port()
-                    env = {
-                        **os.environ,
-                        "PGNOTIFY_DATABASE_URL": dsn,
-                        "PGNOTIFY_CHANNELS": "webhook",
-                        "PGNOTIFY_CHANNEL_CONCURRENCY": f"webhook={concurrency}",
-                        "PGNOTIFY_DESTINATION_CONCURRENCY": str(concurrency),
-                        "PGNOTIFY_WEBHOOK_SECRET": SECRET,
-                        "PGNOTIFY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
-                        "PGNOTIFY_HTTP_HOST": "127.0.0.1",
-                        "PGNOTIFY_HTTP_PORT": str(http_port),
-                        "PGNOTIFY_LOG_LEVEL": "WARNING",
-                        **variant.get("env", {}),
-                    }
+                    env = webhook_worker_env(dsn, http_port, concurrency, **variant.get("env", {}))
                     worker = subprocess.Popen(
                         [sys.executable, "-m", "pgnotify_worker", "run"],
                         env=env,
